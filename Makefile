@@ -3,6 +3,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
+# Offline GPT-2 BPE for development checkouts that sit beside a shared cache; elsewhere tiktoken
+# downloads it once as usual.
+ifneq ($(wildcard ../shared/tiktoken),)
+export TIKTOKEN_CACHE_DIR ?= $(abspath ../shared/tiktoken)
+endif
+
 .PHONY: install test
 
 install: $(STAMP)
