@@ -1,0 +1,85 @@
+"""Weight-only quantization for inference: fewer bytes read per generated token.
+
+Decoding one token reads every weight once, so on a CPU its speed is set by how fast the matrix
+kernels stream weights, not by arithmetic. Per-channel int8 halves the bytes of bf16 and is
+numerically close to lossless for GPT-2; group-wise int4 halves them again at a measurable cost in
+quality (see the README's benchmark table). Activations stay in the model's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from model.gpt import GPT
+
+MODES = ("none", "int8", "int4")
+INT4_GROUP = 32
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (q * scale).T + bias with q int8 per output channel."""
+
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype):
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+        self.register_buffer("weight", torch.round(w / scale[:, None]).to(torch.int8))
+        self.register_buffer("scale", scale.to(dtype))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.scale)
+        y = y.view(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+
+class Int4Linear(nn.Module):
+    """Weights in groups of INT4_GROUP inputs, each group w = (q - 8) * scale + zero with q in 0..15."""
+
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype):
+        super().__init__()
+        w = linear.weight.detach().float()
+        n, k = w.shape
+        if k % INT4_GROUP:
+            raise ValueError(f"int4 needs input sizes divisible by {INT4_GROUP}, got {k}")
+        # The packing kernel wants output rows in multiples of 16 (the LM head has 50257).
+        self.out_features = n
+        w = torch.cat([w, w.new_zeros(-n % 16, k)])
+        n = w.shape[0]
+        groups = w.view(n, k // INT4_GROUP, INT4_GROUP)
+        low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+        scale = ((high - low) / 15).clamp(min=1e-12)
+        q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).view(n, k)
+        self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+        zero = low + 8 * scale
+        self.register_buffer("scales_and_zeros", torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(dtype))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.reshape(-1, x.shape[-1]), self.weight, INT4_GROUP, self.scales_and_zeros
+        )
+        y = y[:, : self.out_features].view(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+
+def quantize(model: GPT, mode: str) -> GPT:
+    """Replace the model's linear layers (LM head included) in place; `none` leaves it untouched.
+
+    The LM head gets its own quantized copy of the tied embedding, which the input lookup keeps
+    using in full precision. The result is for inference only and runs on the CPU.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown quantization {mode!r}: use one of {', '.join(MODES)}")
+    if mode == "none":
+        return model
+    if next(model.parameters()).device.type != "cpu":
+        raise ValueError("weight-only quantization uses CPU kernels; keep quantize=none on GPUs")
+    kind = Int8Linear if mode == "int8" else Int4Linear
+    dtype = next(model.parameters()).dtype
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, name, kind(child, dtype))
+    return model
