@@ -1,0 +1,122 @@
+"""What a run tells the outside world: console lines, a progress bar on terminals, metrics.jsonl and
+the Prometheus gauges. Only the main process reports."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from trainer.checkpoints import Progress
+from trainer.prometheus import TrainingMetrics
+
+
+class Reporter:
+    def __init__(self, out: Path, total_steps: int, start_step: int, metrics_port: int | None, enabled: bool,
+                 fresh: bool):
+        self.enabled = enabled
+        self.metrics = None
+        self.bar = None
+        if not enabled:
+            return
+        self.jsonl = _open_jsonl(out / "metrics.jsonl", start_step if not fresh else 0)
+        if metrics_port is not None:
+            self.metrics = TrainingMetrics(metrics_port)
+            self.say(f"Prometheus metrics on port {self.metrics.port}")
+        if sys.stdout.isatty():
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=False)
+
+    def say(self, line: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def resumed(self, tokens: int) -> None:
+        if self.metrics:
+            self.metrics.tokens.inc(tokens)
+
+    def step(self, progress: Progress, grad_norm: float, tokens_per_sec: float, ms_per_step: float,
+             mfu: float | None, evaluated: bool, log: bool, new_tokens: int) -> None:
+        """Record one optimizer step; console and metrics.jsonl only on logged or evaluated steps."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(1)
+        if self.metrics:
+            m = self.metrics
+            m.tokens.inc(new_tokens)
+            m.loss.set(progress.loss)
+            m.lr.set(progress.learning_rate)
+            m.grad_norm.set(grad_norm)
+            m.tokens_per_second.set(tokens_per_sec)
+            if evaluated:
+                m.val_loss.set(progress.val_loss)
+                m.best_val_loss.set(progress.best_loss)
+            m.step.set(progress.step)
+        if not (log or evaluated):
+            return
+        self.say(_line(progress, grad_norm, tokens_per_sec, ms_per_step, mfu, evaluated))
+        record = {
+            "step": progress.step,
+            "loss": progress.loss,
+            "lr": progress.learning_rate,
+            "grad_norm": grad_norm,
+            "tokens_per_sec": tokens_per_sec,
+            "elapsed": progress.elapsed,
+            "tokens": progress.tokens,
+        }
+        if evaluated:
+            record["val_loss"] = progress.val_loss
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+
+    def checkpoint(self, kind: str) -> None:
+        if self.metrics:
+            self.metrics.checkpoints.labels(kind=kind).inc()
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        self.jsonl.close()
+        if self.metrics:
+            self.metrics.close()
+
+
+def _open_jsonl(path: Path, keep_until: int):
+    """metrics.jsonl for appending, without records past `keep_until`: a run killed after its last
+    checkpoint logged steps that the resumed run is about to log again."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kept = []
+    if keep_until and path.exists():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= keep_until]
+    with path.open("w", encoding="utf-8") as f:
+        f.writelines(line + "\n" for line in kept)
+    return path.open("a", encoding="utf-8")
+
+
+def _line(p: Progress, grad_norm, tokens_per_sec, ms_per_step, mfu, evaluated) -> str:
+    best = f"{p.best_loss:.4f} (step {p.best_step})" if p.best_loss is not None else "-"
+    parts = [
+        f"step {p.step}",
+        f"lr {p.learning_rate:.2e}",
+        f"loss {p.loss:.4f}",
+    ]
+    if evaluated:
+        parts.append(f"val {p.val_loss:.4f}")
+    parts += [f"best {best}", f"{tokens_per_sec:,.0f} tok/s", f"{ms_per_step:.0f} ms/step", f"grad {grad_norm:.2f}"]
+    if mfu is not None:
+        parts.append(f"mfu {mfu:.1%}")
+    return " | ".join(parts)
+
+
+def duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s"

@@ -1,0 +1,266 @@
+"""The training loop: one `Trainer` per process, built from `TrainerSettings`.
+
+Each optimizer step draws the whole global batch's offsets from one seeded generator and every
+process takes its own slice, so N processes with gradient accumulation A see exactly the batches
+one process with accumulation N·A would: the DDP run and the single run are the same computation.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from model import GPT, CheckpointError, GPTConfig, autocast_dtype, load_checkpoint
+from trainer import checkpoints, distributed
+from trainer.checkpoints import BEST, FINAL, LAST, Progress
+from trainer.data import Dataset, prepare
+from trainer.flops import flops_per_token, peak_flops
+from trainer.optimizer import adamw
+from trainer.report import Reporter, duration
+from trainer.schedule import learning_rate
+from trainer.settings import TrainerSettings
+from trainer.stopping import StopRequest
+
+
+class TrainingError(Exception):
+    """A run that cannot start or continue; the message says why and what to do."""
+
+
+class Trainer:
+    def __init__(self, settings: TrainerSettings, ctx: distributed.Context):
+        self.settings = s = settings
+        self.ctx = ctx
+        self.out = Path(s.out)
+        torch.manual_seed(s.seed)
+        if ctx.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.dataset = self._load_data()
+        self.batch_generator = torch.Generator().manual_seed(s.seed)
+
+        resume = self._resume_data()
+        self.raw_model = resume[0] if resume else initial_model(s)
+        config = self.raw_model.config
+        if s.seq_len > config.block_size:
+            raise TrainingError(
+                f"--seq-len {s.seq_len} exceeds the model's context of {config.block_size} tokens: "
+                f"lower --seq-len or raise --block-size"
+            )
+        self.raw_model.to(ctx.device).train()
+        self.optimizer = adamw(self.raw_model, s.lr, s.weight_decay, ctx.device)
+        self.progress = Progress()
+        if resume:
+            self.progress = checkpoints.restore(resume[1], self.optimizer, self.batch_generator)
+
+        self.model = torch.compile(self.raw_model) if s.compile else self.raw_model
+        self.ddp = None
+        if ctx.enabled:
+            device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(self.model, device_ids=device_ids)
+        self.dtype = autocast_dtype(ctx.device, s.dtype)
+        self.tokens_per_step = s.batch_size * s.seq_len * s.grad_accum * ctx.world_size
+        self.flops_per_token = flops_per_token(config, self.raw_model.num_parameters(non_embedding=False), s.seq_len)
+        peak = peak_flops(ctx.device, self.dtype) if ctx.is_main else None
+        self.peak = peak * ctx.world_size if peak else None
+        self.resumed = resume is not None
+
+    def _load_data(self) -> Dataset:
+        s = self.settings
+        cache = Path(s.cache_dir) if s.cache_dir else self.out / ".cache"
+        # The main process downloads and tokenizes; the others then find the cached token file.
+        if self.ctx.is_main:
+            token_file = prepare(s.data, cache)
+        distributed.barrier(self.ctx)
+        if not self.ctx.is_main:
+            token_file = prepare(s.data, cache)
+        return Dataset.load(token_file, s.val_fraction, s.seq_len)
+
+    def _resume_data(self):
+        path = self.out / LAST
+        if not self.settings.resume:
+            if path.exists() and self.ctx.is_main:
+                print(f"note: {path} holds an earlier run; starting afresh replaces it (--resume continues it)")
+            return None
+        if not path.exists():
+            if self.ctx.is_main:
+                print(f"note: no {path} to resume from: starting a new run")
+            return None
+        try:
+            return checkpoints.read_resume(path, "cpu")
+        except (CheckpointError, ValueError) as e:
+            raise TrainingError(f"{e}; remove it or run without --resume") from None
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(self.ctx.device.type, dtype=self.dtype)
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step; returns the mean loss over the global batch and the gradient norm."""
+        s, ctx = self.settings, self.ctx
+        lr = learning_rate(self.progress.step, s.lr, s.min_lr, s.warmup_steps, s.decay_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.progress.learning_rate = lr
+        count = s.grad_accum * ctx.world_size * s.batch_size
+        offsets = self.dataset.offsets("train", count, s.seq_len, self.batch_generator)
+        offsets = offsets.view(s.grad_accum, ctx.world_size, s.batch_size)
+        model = self.ddp or self.model
+        loss_sum = torch.zeros((), device=ctx.device)
+        for micro in range(s.grad_accum):
+            x, y = self.dataset.batch("train", offsets[micro, ctx.rank], s.seq_len, ctx.device)
+            # DDP averages gradients across processes only on the last micro-step.
+            last = micro == s.grad_accum - 1
+            with nullcontext() if last or not self.ddp else self.ddp.no_sync():
+                with self.autocast():
+                    _, loss = model(x, y)
+                (loss / s.grad_accum).backward()
+            loss_sum += loss.detach()
+        loss = distributed.mean(loss_sum / s.grad_accum, ctx).item()
+        max_norm = s.grad_clip if s.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm).item()
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            what = "loss" if not math.isfinite(loss) else "gradient norm"
+            value = loss if what == "loss" else grad_norm
+            raise TrainingError(
+                f"the {what} became {value} at step {self.progress.step + 1}: training diverged. The checkpoints "
+                f"in {self.out} are left as they were; try a lower --lr, a longer --warmup-steps or --dtype fp32"
+            )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, grad_norm
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over the same --eval-iters validation batches every time, so evaluations compare."""
+        s, ctx = self.settings, self.ctx
+        generator = torch.Generator().manual_seed(s.seed + 1)
+        offsets = self.dataset.offsets("val", s.eval_iters * s.batch_size, s.seq_len, generator)
+        offsets = offsets.view(s.eval_iters, s.batch_size)
+        self.model.eval()
+        loss_sum = torch.zeros((), device=ctx.device)
+        for i in range(ctx.rank, s.eval_iters, ctx.world_size):
+            x, y = self.dataset.batch("val", offsets[i], s.seq_len, ctx.device)
+            with self.autocast():
+                _, loss = self.model(x, y)
+            loss_sum += loss.float()
+        self.model.train()
+        return distributed.total(loss_sum, ctx).item() / s.eval_iters
+
+    def publish(self, name: str, **extra) -> None:
+        if self.ctx.is_main:
+            checkpoints.publish(
+                self.out / name, self.raw_model, self.progress, self.settings.model_dump(mode="json"),
+                self.dataset.digest, **extra,
+            )
+
+    def run(self) -> Progress:
+        s, ctx, p = self.settings, self.ctx, self.progress
+        reporter = Reporter(self.out, s.steps, p.step, s.metrics_port, ctx.is_main, fresh=not self.resumed)
+        try:
+            with StopRequest() as stop:
+                self._describe(reporter)
+                reporter.resumed(p.tokens)
+                self._loop(reporter, stop)
+        finally:
+            reporter.close()
+        return p
+
+    def _loop(self, reporter: Reporter, stop: StopRequest) -> None:
+        s, ctx, p = self.settings, self.ctx, self.progress
+        started = time.perf_counter() - p.elapsed
+        window_time, window_steps = 0.0, 0
+        finished = p.step >= s.steps
+        while not finished:
+            t0 = time.perf_counter()
+            p.loss, grad_norm = self.train_step()
+            step_time = time.perf_counter() - t0
+            p.step += 1
+            p.tokens += self.tokens_per_step
+            p.elapsed = time.perf_counter() - started
+            window_time += step_time
+            window_steps += 1
+            time_up = s.time_limit is not None and p.elapsed >= s.time_limit * 60
+            stopping, time_up = distributed.any_true([stop.requested, time_up], ctx)
+            finished = p.step >= s.steps or time_up
+            evaluated = p.step % s.eval_interval == 0 or finished
+            if evaluated:
+                self._evaluate(reporter)
+            log = p.step % s.log_interval == 0 or finished or stopping
+            tokens_per_sec = self.tokens_per_step * window_steps / window_time
+            mfu = self.flops_per_token * tokens_per_sec / self.peak if self.peak else None
+            reporter.step(p, grad_norm, tokens_per_sec, 1000 * window_time / window_steps, mfu, evaluated, log,
+                          self.tokens_per_step)
+            if log:
+                window_time, window_steps = 0.0, 0
+            if p.step % s.checkpoint_interval == 0 or finished or stopping:
+                self.publish(LAST, **checkpoints.resume_state(self.optimizer, self.batch_generator))
+                reporter.checkpoint("last")
+            if finished:
+                self.publish(FINAL)
+                reporter.checkpoint("final")
+            if stopping:
+                break
+        self._summarise(reporter, finished)
+
+    def _evaluate(self, reporter: Reporter) -> None:
+        p = self.progress
+        p.val_loss, p.val_step = self.evaluate(), p.step
+        if p.best_loss is None or p.val_loss < p.best_loss:
+            p.best_loss, p.best_step = p.val_loss, p.step
+            self.publish(BEST)
+            reporter.checkpoint("best")
+            reporter.say(f"Saved best model (val loss {p.val_loss:.4f}, step {p.step}) to {self.out / BEST}")
+
+    def _describe(self, reporter: Reporter) -> None:
+        s, c = self.settings, self.raw_model.config
+        n = self.raw_model.num_parameters(non_embedding=False)
+        start = f"resuming at step {self.progress.step}" if self.resumed else "from " + s.init
+        reporter.say(
+            f"Training {c.n_layer} layers × {c.n_head} heads × {c.n_embd} wide, context {c.block_size} "
+            f"({n / 1e6:.1f}M parameters), {start}, on {self.ctx.device} in {str(self.dtype).removeprefix('torch.')}"
+            + (f" × {self.ctx.world_size} processes" if self.ctx.enabled else "")
+        )
+        reporter.say(
+            f"Data {s.data}: {len(self.dataset.train):,} training and {len(self.dataset.val):,} validation tokens; "
+            f"{self.tokens_per_step:,} tokens per step, {s.steps} steps"
+        )
+
+    def _summarise(self, reporter: Reporter, finished: bool) -> None:
+        p = self.progress
+        verb = "Finished" if finished else "Stopped"
+        reporter.say(
+            f"{verb} at step {p.step}: {p.tokens:,} tokens in {duration(p.elapsed)} "
+            f"({p.tokens / max(p.elapsed, 1e-9):,.0f} tokens/s overall)"
+        )
+        if p.best_loss is not None:
+            reporter.say(f"Best validation loss {p.best_loss:.4f} at step {p.best_step}: {self.out / BEST}")
+        reporter.say(f"Resume with --resume from {self.out / LAST}" if not finished else f"Final model: {self.out / FINAL}")
+
+
+def initial_model(s: TrainerSettings) -> GPT:
+    """The model a new run starts from: a preset built from scratch, or pretrained weights."""
+    if s.init == "scratch":
+        overrides = {k: getattr(s, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(s, k)}
+        try:
+            # Rows padded to a multiple of 64 make the embedding and LM head faster on GPUs.
+            return GPT(GPTConfig.from_preset(s.preset, vocab_multiple=64, **overrides))
+        except ValueError as e:
+            raise TrainingError(f"invalid model shape: {e}") from None
+    if Path(s.init).is_file():
+        try:
+            return load_checkpoint(s.init)[0]
+        except CheckpointError as e:
+            raise TrainingError(f"--init: {e}") from None
+    try:
+        return GPT.from_pretrained(s.init)
+    except ValueError as e:
+        raise TrainingError(f"--init: {e}; or use scratch or a .pt checkpoint") from None
+    except OSError as e:
+        raise TrainingError(f"--init {s.init}: could not load the weights ({e}); with no network use a local folder") from None
