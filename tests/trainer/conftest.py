@@ -55,23 +55,38 @@ def trained(tmp_path_factory, cache_dir) -> Path:
     return out
 
 
-def records(out: Path) -> list[dict]:
+def _records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def spawn(args: list[str], **kwargs) -> subprocess.Popen:
-    """`python -m trainer ARGS` as a real process, its stdout a line-buffered text pipe."""
+def _spawn(args: list[str]) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
-        [sys.executable, "-m", "trainer", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=env, **kwargs,
+        [sys.executable, "-m", "trainer", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
     )
 
 
-def read_until(process: subprocess.Popen, prefix: str, seen: list[str]) -> str:
-    """Read the process's output line by line until one starts with `prefix` (blocking reads, no polling)."""
+def _read_until(process: subprocess.Popen, prefix: str, seen: list[str]) -> str:
     for line in process.stdout:
         seen.append(line)
         if line.startswith(prefix):
             return line
     raise AssertionError(f"process ended before printing {prefix!r}:\n{''.join(seen)}")
+
+
+@pytest.fixture
+def records():
+    """The metrics.jsonl records of an output folder."""
+    return _records
+
+
+@pytest.fixture
+def spawn():
+    """`python -m trainer ARGS` as a real process, its output a line-buffered text pipe."""
+    return _spawn
+
+
+@pytest.fixture
+def read_until():
+    """Read a process's output line by line (blocking, no polling) until a line starts with a prefix."""
+    return _read_until

@@ -3,12 +3,11 @@ import torch
 
 from model import load_checkpoint, read_checkpoint
 from trainer.schedule import learning_rate
-from tests.trainer.conftest import records
 
 SEED_KEYS = ("step", "loss", "val_loss", "best_loss", "learning_rate")
 
 
-def test_run_publishes_best_last_final_and_metrics(fit, tmp_path):
+def test_run_publishes_best_last_final_and_metrics(fit, tmp_path, records):
     out = tmp_path / "run"
     result = fit(out, "--steps", "12", "--eval-interval", "4", "--checkpoint-interval", "5", "--log-interval", "3",
                  "--lr", "3e-3", "--warmup-steps", "2")
@@ -42,13 +41,13 @@ def test_run_publishes_best_last_final_and_metrics(fit, tmp_path):
     assert model.config.n_layer == 2 and model.config.n_embd == 32
 
 
-def test_training_lowers_validation_loss(fit, tmp_path):
+def test_training_lowers_validation_loss(fit, tmp_path, records):
     fit(tmp_path, "--steps", "30", "--eval-interval", "10", "--lr", "1e-2", "--warmup-steps", "3")
     val = [r["val_loss"] for r in records(tmp_path) if "val_loss" in r]
     assert val[0] < 10.8 and val[-1] < val[0] - 1.5, val
 
 
-def test_resume_continues_exactly(fit, tmp_path):
+def test_resume_continues_exactly(fit, tmp_path, records):
     common = ("--eval-interval", "5", "--lr", "3e-3", "--warmup-steps", "3", "--lr-decay-steps", "20")
     fit(tmp_path / "once", "--steps", "20", *common)
     fit(tmp_path / "twice", "--steps", "10", *common)
