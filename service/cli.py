@@ -1,0 +1,47 @@
+"""`service serve`: the inference service's command line (also `python -m service`)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import click
+
+from model.settings import build_settings, settings_options
+
+from service.settings import ServiceSettings
+
+
+@click.group()
+def main() -> None:
+    """GPT-2-class text generation over HTTP: /predict, OpenAI's /v1/completions, /health, /metrics."""
+
+
+@main.command()
+@settings_options(ServiceSettings)
+def serve(**flags) -> None:
+    """Serve the newest checkpoint of a folder, reloading it whenever the trainer publishes a new one."""
+    settings = build_settings(ServiceSettings, flags)
+    metrics_dir = prepare_metrics_dir(settings.metrics_dir)
+    try:
+        # Imported only now: prometheus_client reads PROMETHEUS_MULTIPROC_DIR when first imported.
+        from service.server import serve as run
+
+        run(settings)
+    finally:
+        if settings.metrics_dir is None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def prepare_metrics_dir(path: Path | None) -> Path:
+    """Point prometheus_client's multiprocess mode at an empty folder, for this process and its children."""
+    if path is None:
+        path = Path(tempfile.mkdtemp(prefix="gpt-service-metrics-"))
+    path.mkdir(parents=True, exist_ok=True)
+    # Files of a previous run's processes would be merged into this run's figures.
+    for stale in path.glob("*.db"):
+        stale.unlink()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+    return path

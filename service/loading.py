@@ -1,0 +1,57 @@
+"""Turning checkpoints and pretrained weights into engines a worker can serve."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from model import GPT, CheckpointError, Engine, Tokenizer, load_checkpoint
+
+from service.messages import ModelInfo
+from service.scheduler import Loaded
+
+
+class ModelLoader:
+    def __init__(self, device: torch.device, dtype: torch.dtype, tokenizer: Tokenizer, max_batch_size: int):
+        self.device = device
+        self.dtype = dtype
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+
+    def checkpoint(self, path: Path) -> Loaded:
+        """The checkpoint at `path`; CheckpointError (naming the file) if it cannot be served."""
+        model, meta = load_checkpoint(path, self.device)
+        if meta.get("tokenizer", self.tokenizer.name) != self.tokenizer.name:
+            raise CheckpointError(f"{path}: trained with tokenizer {meta['tokenizer']!r}, this service speaks {self.tokenizer.name!r}")
+        info = ModelInfo(step=_number(meta.get("step"), int), val_loss=_number(meta.get("val_loss"), float), checkpoint=path.name)
+        return self._serve(model, info, path)
+
+    def pretrained(self, name_or_path: str) -> Loaded:
+        """Hugging Face GPT-2 weights (a hub name or a save_pretrained directory)."""
+        model = GPT.from_pretrained(name_or_path).to(self.device)
+        return self._serve(model, ModelInfo(step=None, val_loss=None, checkpoint=Path(name_or_path).name), name_or_path)
+
+    def rebuild(self, loaded: Loaded) -> Loaded:
+        """The same weights behind a fresh engine, after a step failed and left the old one undefined."""
+        return Loaded(Engine(loaded.engine.model, self.tokenizer, self.max_batch_size), loaded.info)
+
+    def _serve(self, model: GPT, info: ModelInfo, source) -> Loaded:
+        if model.config.vocab_size != self.tokenizer.vocab_size:
+            # Prompt tokens beyond a smaller vocabulary would index past the embedding table.
+            raise CheckpointError(
+                f"{source}: a vocabulary of {model.config.vocab_size} tokens does not fit the "
+                f"{self.tokenizer.vocab_size} of tokenizer {self.tokenizer.name}"
+            )
+        model = model.to(self.dtype).eval()
+        return Loaded(Engine(model, self.tokenizer, self.max_batch_size), info)
+
+
+def _number(value, kind):
+    """A metadata number as a plain int/float (None stays None; tensors and numpy scalars are unwrapped)."""
+    if value is None:
+        return None
+    try:
+        return kind(value.item() if hasattr(value, "item") else value)
+    except (TypeError, ValueError):
+        return None
