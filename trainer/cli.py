@@ -33,7 +33,7 @@ def fit(**flags):
         raise click.UsageError(f"--device: {e}") from None
     try:
         Trainer(settings, ctx).run()
-    except (DataError, TrainingError) as e:
+    except (DataError, TrainingError, OSError) as e:
         raise click.ClickException(str(e)) from None
     finally:
         distributed.teardown(ctx)

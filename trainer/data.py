@@ -55,7 +55,9 @@ def download(url: str, cache_dir: Path) -> Path:
             body = response.read()
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
-        raise DataError(f"could not download {url}: {reason}. Check the address, or download it and pass --data FILE") from e
+        raise DataError(
+            f"could not download {url}: {reason}. Check the address, or download it and pass --data FILE"
+        ) from e
     atomic_write(path, body)
     return path
 

@@ -17,7 +17,8 @@ GPU_PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10"
 
 
 def flops_per_token(config: GPTConfig, n_params: int, seq_len: int) -> float:
-    """Training FLOPs per token (PaLM appendix B): 6 per weight plus attention's 12·L·T·C."""
+    """Training FLOPs per token (PaLM appendix B): 6 per weight (position embeddings excluded, as
+    nanoGPT counts) plus attention's 12·L·T·C."""
     return 6 * n_params + 12 * config.n_layer * seq_len * config.n_embd
 
 

@@ -14,7 +14,9 @@ class TrainingMetrics:
         r = self.registry
         self.loss = Gauge("gpt_train_loss", "Training loss of the latest logged step", registry=r)
         self.val_loss = Gauge("gpt_val_loss", "Validation loss of the latest evaluation", registry=r)
-        self.best_val_loss = Gauge("gpt_train_best_val_loss", "Lowest validation loss so far (best_model.pt)", registry=r)
+        self.best_val_loss = Gauge(
+            "gpt_train_best_val_loss", "Lowest validation loss so far (best_model.pt)", registry=r
+        )
         self.lr = Gauge("gpt_train_learning_rate", "Learning rate of the latest step", registry=r)
         self.tokens_per_second = Gauge("gpt_train_tokens_per_second", "Training throughput, all processes", registry=r)
         self.grad_norm = Gauge("gpt_train_grad_norm", "Gradient norm before clipping", registry=r)

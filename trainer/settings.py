@@ -24,7 +24,9 @@ class TrainerSettings(BaseSettings):
         description="Training text: a UTF-8 file, builtin:pydoc (Python's own documentation, no network needed) "
         "or an http(s) URL downloaded once into the cache.",
     )
-    out: Path = Field(Path("checkpoints"), description="Folder for best_model.pt, last.pt, final_model.pt and metrics.jsonl.")
+    out: Path = Field(
+        Path("checkpoints"), description="Folder for best_model.pt, last.pt, final_model.pt and metrics.jsonl."
+    )
     cache_dir: Path | None = Field(None, description="Folder for token caches and downloads (none: OUT/.cache).")
     preset: PresetName = Field("mini", description="Model shape to train from scratch.")
     n_layer: int | None = Field(None, gt=0, description="Override the preset's number of layers.")
@@ -52,15 +54,19 @@ class TrainerSettings(BaseSettings):
         None, gt=0, description="Stop after this many minutes of training, as if --steps were reached."
     )
     grad_clip: float = Field(1.0, ge=0, description="Clip the gradient norm to this value (0: no clipping).")
-    eval_interval: int = Field(250, gt=0, description="Steps between validation-loss evaluations.")
-    eval_iters: int = Field(20, gt=0, description="Validation batches per evaluation.")
-    val_fraction: float = Field(0.1, gt=0, lt=1, description="Share of the tokens, from the end, held out for validation.")
-    checkpoint_interval: int = Field(250, gt=0, description="Steps between writes of last.pt.")
+    eval_interval: int = Field(100, gt=0, description="Steps between validation-loss evaluations.")
+    eval_iters: int = Field(10, gt=0, description="Validation batches per evaluation.")
+    val_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Share of the tokens, from the end, held out for validation."
+    )
+    checkpoint_interval: int = Field(100, gt=0, description="Steps between writes of last.pt.")
     log_interval: int = Field(10, gt=0, description="Steps between console lines and metrics.jsonl records.")
     dtype: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="Compute precision: auto is bf16 where the device supports it, fp32 elsewhere."
     )
-    compile: bool = Field(False, description="Compile the model with torch.compile (slow start, faster steps).")
+    compile: bool | None = Field(
+        None, description="Compile the model with torch.compile: slower start, faster steps (none: on CUDA only)."
+    )
     device: str = Field("auto", description="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")
     seed: int = Field(1337, description="Seed for weights, batches and dropout.")
     metrics_port: int | None = Field(

@@ -44,7 +44,7 @@ class Trainer:
         self.batch_generator = torch.Generator().manual_seed(s.seed)
 
         resume = self._resume_data()
-        self.raw_model = resume[0] if resume else initial_model(s)
+        self.raw_model = resume[0] if resume else initial_model(s, ctx.device)
         config = self.raw_model.config
         if s.seq_len > config.block_size:
             raise TrainingError(
@@ -57,14 +57,17 @@ class Trainer:
         if resume:
             self.progress = checkpoints.restore(resume[1], self.optimizer, self.batch_generator)
 
-        self.model = torch.compile(self.raw_model) if s.compile else self.raw_model
+        # Compiling pays off on GPUs; on a CPU it costs half a minute and a C++ compiler for 10-25%
+        # faster steps (bench/bench_train.py), a poor trade for a quickstart.
+        compile_model = s.compile if s.compile is not None else ctx.device.type == "cuda"
+        self.model = torch.compile(self.raw_model) if compile_model else self.raw_model
         self.ddp = None
         if ctx.enabled:
             device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(self.model, device_ids=device_ids)
         self.dtype = autocast_dtype(ctx.device, s.dtype)
         self.tokens_per_step = s.batch_size * s.seq_len * s.grad_accum * ctx.world_size
-        self.flops_per_token = flops_per_token(config, self.raw_model.num_parameters(non_embedding=False), s.seq_len)
+        self.flops_per_token = flops_per_token(config, self.raw_model.num_parameters(), s.seq_len)
         peak = peak_flops(ctx.device, self.dtype) if ctx.is_main else None
         self.peak = peak * ctx.world_size if peak else None
         self.resumed = resume is not None
@@ -224,7 +227,8 @@ class Trainer:
         start = f"resuming at step {self.progress.step}" if self.resumed else "from " + s.init
         reporter.say(
             f"Training {c.n_layer} layers × {c.n_head} heads × {c.n_embd} wide, context {c.block_size} "
-            f"({n / 1e6:.1f}M parameters), {start}, on {self.ctx.device} in {str(self.dtype).removeprefix('torch.')}"
+            f"({n / 1e6:.1f}M parameters), {start}, on {self.ctx.device} "
+            f"in {str(self.dtype).removeprefix('torch.')}"
             + (f" × {self.ctx.world_size} processes" if self.ctx.enabled else "")
         )
         reporter.say(
@@ -241,16 +245,18 @@ class Trainer:
         )
         if p.best_loss is not None:
             reporter.say(f"Best validation loss {p.best_loss:.4f} at step {p.best_step}: {self.out / BEST}")
-        reporter.say(f"Resume with --resume from {self.out / LAST}" if not finished else f"Final model: {self.out / FINAL}")
+        reporter.say(f"Final model: {self.out / FINAL}" if finished else f"Continue with --resume ({self.out / LAST})")
 
 
-def initial_model(s: TrainerSettings) -> GPT:
+def initial_model(s: TrainerSettings, device: torch.device) -> GPT:
     """The model a new run starts from: a preset built from scratch, or pretrained weights."""
     if s.init == "scratch":
         overrides = {k: getattr(s, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(s, k)}
+        # Rows padded to a multiple of 64 suit GPU matrix units; on a CPU the padded logits only add
+        # work to the softmax, the step's most expensive part.
+        vocab_multiple = 64 if device.type == "cuda" else 1
         try:
-            # Rows padded to a multiple of 64 make the embedding and LM head faster on GPUs.
-            return GPT(GPTConfig.from_preset(s.preset, vocab_multiple=64, **overrides))
+            return GPT(GPTConfig.from_preset(s.preset, vocab_multiple=vocab_multiple, **overrides))
         except ValueError as e:
             raise TrainingError(f"invalid model shape: {e}") from None
     if Path(s.init).is_file():
@@ -263,4 +269,6 @@ def initial_model(s: TrainerSettings) -> GPT:
     except ValueError as e:
         raise TrainingError(f"--init: {e}; or use scratch or a .pt checkpoint") from None
     except OSError as e:
-        raise TrainingError(f"--init {s.init}: could not load the weights ({e}); with no network use a local folder") from None
+        raise TrainingError(
+            f"--init {s.init}: could not load the weights ({e}); with no network use a local folder"
+        ) from None

@@ -108,3 +108,27 @@ def test_init_from_checkpoint_and_hf_folder(fit, trained, tmp_path):
 def test_unknown_init_is_explained(fit, tmp_path):
     result = fit(tmp_path, "--init", "gpt3", expect=1)
     assert "--init: 'gpt3' is neither a directory" in result.output
+
+
+def test_gradient_accumulation_equals_the_larger_batch(fit, tmp_path, records):
+    common = ("--steps", "4", "--eval-interval", "2", "--lr", "3e-3", "--warmup-steps", "1")
+    fit(tmp_path / "big", "--batch-size", "4", "--grad-accum", "1", *common)
+    fit(tmp_path / "accum", "--batch-size", "2", "--grad-accum", "2", *common)
+    big, accum = records(tmp_path / "big"), records(tmp_path / "accum")
+    assert [r["loss"] for r in accum] == pytest.approx([r["loss"] for r in big], abs=1e-5)
+    a = read_checkpoint(tmp_path / "big" / "final_model.pt")["model"]
+    b = read_checkpoint(tmp_path / "accum" / "final_model.pt")["model"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_bf16_autocast_and_compile_train_like_fp32(fit, tmp_path, records):
+    common = ("--steps", "3", "--eval-interval", "3", "--lr", "3e-3", "--warmup-steps", "1")
+    fit(tmp_path / "fp32", *common)
+    bf16 = fit(tmp_path / "bf16", *common, "--dtype", "bf16")
+    assert "in bfloat16" in bf16.output
+    fit(tmp_path / "compiled", *common, "--compile")
+    reference = [r["loss"] for r in records(tmp_path / "fp32")]
+    assert [r["loss"] for r in records(tmp_path / "bf16")] == pytest.approx(reference, abs=0.05)
+    assert [r["loss"] for r in records(tmp_path / "compiled")] == pytest.approx(reference, abs=1e-4)
+    state = read_checkpoint(tmp_path / "compiled" / "final_model.pt")["model"]
+    assert not any("_orig_mod" in key for key in state)

@@ -1,6 +1,13 @@
-"""The trainer as a real process: stopped by signals, scraped over HTTP."""
+"""The trainer as a real process: stopped by signals, scraped over HTTP, drawing a progress bar on a terminal."""
 
+import fcntl
+import os
+import pty
 import signal
+import struct
+import subprocess
+import sys
+import termios
 
 import httpx
 import pytest
@@ -59,3 +66,26 @@ def test_prometheus_endpoint_reports_training(tiny, spawn, read_until, records, 
     assert value("gpt_train_tokens_total") in {step * TOKENS_PER_STEP, (step + 1) * TOKENS_PER_STEP}
     assert value("gpt_train_checkpoints_total", kind="best") >= 1
     assert value("gpt_train_checkpoints_total", kind="final") == 0
+
+
+def test_progress_bar_on_a_terminal(tiny, tmp_path):
+    leader, follower = pty.openpty()
+    # A new pseudo-terminal is 0 columns wide, where a bar has no room; give it a real terminal's size.
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    process = subprocess.Popen([sys.executable, "-m", "trainer", "fit", *tiny(tmp_path, "--steps", "3")],
+                               stdout=follower, stderr=follower)
+    os.close(follower)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the terminal closes when the process exits
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(leader)
+    assert process.wait(timeout=60) == 0
+    text = output.decode(errors="replace")
+    assert "3/3" in text and ("step/s" in text or "s/step" in text), text
+    assert "step 3 | lr" in text
