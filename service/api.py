@@ -8,17 +8,18 @@ request of the worker together) and yields the scheduler's messages as they come
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import math
 import multiprocessing as mp
 import os
 import threading
+import uuid
 
 import litserve as ls
 import torch
 
 from model import Tokenizer, autocast_dtype
-
 from service import lifecycle, metrics
 from service.board import Board
 from service.loading import ModelLoader
@@ -48,9 +49,12 @@ class GenerationAPI(ls.LitAPI):
         self.worker_id = int(os.environ["LITSERVE_WORKER_ID"])
         previous = self.board.claim(self.worker_id)
         if previous:
-            metrics.forget_process(previous)
+            self._replace(previous)
         torch.set_num_threads(self.settings.threads or max(1, (os.cpu_count() or 1) // self.board.num_workers))
 
+        # Checkpoints are rebuilt on the meta device, whose weight init imports torch._dynamo on first
+        # use (a second or two): pay that now rather than between a checkpoint's publication and its serving.
+        importlib.import_module("torch._dynamo")
         torch_device = torch.device(device)
         loader = ModelLoader(
             torch_device,
@@ -114,6 +118,14 @@ class GenerationAPI(ls.LitAPI):
         self.board.post(self.worker_id, loaded.info)
         metrics.MODEL_STEP.set(math.nan if loaded.info.step is None else loaded.info.step)
         metrics.MODEL_VAL_LOSS.set(math.nan if loaded.info.val_loss is None else loaded.info.val_loss)
+
+    def _replace(self, previous: int) -> None:
+        """Clean up after the dead worker whose slot this one took."""
+        metrics.forget_process(previous)
+        # The dead worker was almost surely blocked on LitServe's request queue, a Manager queue: that
+        # get lives on in the manager process and would swallow the next request. Feed it an expired
+        # one, which LitServe drops (answering its unknown id with a timeout nobody listens to).
+        self.spec.request_queue.put((0, f"expired-{uuid.uuid4().hex}", float("-inf"), None))
 
     def _take_cancels(self) -> None:
         controls = self.controls[self.worker_id]

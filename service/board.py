@@ -9,6 +9,7 @@ own slot; readers take the lock so a slot is never seen half-written.
 from __future__ import annotations
 
 import ctypes
+import math
 import multiprocessing as mp
 import os
 from dataclasses import dataclass
@@ -82,13 +83,16 @@ class Board:
     def workers(self) -> list[WorkerView]:
         with self._workers.get_lock():
             slots = [(s.pid, s.status, s.has_step, s.step, s.val_loss) for s in self._workers]
-        views = []
-        for worker_id, (pid, status, has_step, step, val_loss) in enumerate(slots):
-            status = Status(status) if alive(pid) else Status.STARTING
-            views.append(
-                WorkerView(worker_id, pid, status, step if has_step else None, None if val_loss != val_loss else val_loss)
+        return [
+            WorkerView(
+                worker_id,
+                pid,
+                Status(status) if alive(pid) else Status.STARTING,
+                step if has_step else None,
+                None if math.isnan(val_loss) else val_loss,
             )
-        return views
+            for worker_id, (pid, status, has_step, step, val_loss) in enumerate(slots)
+        ]
 
     def worker_pid(self, worker_id: int) -> int:
         with self._workers.get_lock():

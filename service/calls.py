@@ -53,16 +53,14 @@ class WorkerCall:
         self.completion_tokens = 0
         self.finish_reason: str | None = None
 
-    async def start(
-        self, request: GenerationRequest, disconnected: Callable[[], Awaitable[bool]] | None = None
-    ) -> Accepted:
+    async def start(self, request: GenerationRequest) -> Accepted:
         """Hand the request to a worker; return its acceptance or raise its refusal as an APIError."""
         self._uid = request.request_id
         self.prompt_tokens = len(request.prompt)
         self._spec.response_buffer[self._uid] = ResponseBufferItem(event=self._event, response_queue=self._messages)
         self._spec.request_queue.put((self._spec.response_queue_id, self._uid, time.monotonic(), request))
         deadline = time.monotonic() + self._pickup_timeout + CHECK_INTERVAL
-        answer = await self._next(disconnected, deadline)
+        answer = await self._next(None, deadline)
         if isinstance(answer, Rejected):
             self.done = True
             headers = {"Retry-After": str(answer.retry_after)} if answer.retry_after else None
@@ -108,7 +106,7 @@ class WorkerCall:
                 # Before acceptance the worker is unknown and cannot be told to cancel: wait for it.
                 if self.accepted is not None and disconnected is not None and await disconnected():
                     self.cancel()
-                    raise ClientGone()
+                    raise ClientGone() from None
                 self._check_worker(deadline)
         data, status = self._messages.popleft()
         if status == LitAPIStatus.ERROR:

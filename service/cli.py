@@ -10,7 +10,6 @@ from pathlib import Path
 import click
 
 from model.settings import build_settings, settings_options
-
 from service.settings import ServiceSettings
 
 

@@ -7,7 +7,6 @@ from pathlib import Path
 import torch
 
 from model import GPT, CheckpointError, Engine, Tokenizer, load_checkpoint
-
 from service.messages import ModelInfo
 from service.scheduler import Loaded
 
@@ -18,14 +17,32 @@ class ModelLoader:
         self.dtype = dtype
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
+        self.shape: dict | None = None
 
     def checkpoint(self, path: Path) -> Loaded:
-        """The checkpoint at `path`; CheckpointError (naming the file) if it cannot be served."""
+        """The checkpoint at `path`; CheckpointError (naming the file) if it cannot be served.
+
+        Once a checkpoint is served, later ones must keep its architecture: a file of another shape
+        in the folder is more likely a mistake than a new run, and a new shape changes the memory
+        the workers need, which a restart (that takes whatever is there) should decide.
+        """
         model, meta = load_checkpoint(path, self.device)
         if meta.get("tokenizer", self.tokenizer.name) != self.tokenizer.name:
-            raise CheckpointError(f"{path}: trained with tokenizer {meta['tokenizer']!r}, this service speaks {self.tokenizer.name!r}")
-        info = ModelInfo(step=_number(meta.get("step"), int), val_loss=_number(meta.get("val_loss"), float), checkpoint=path.name)
-        return self._serve(model, info, path)
+            raise CheckpointError(
+                f"{path}: trained with tokenizer {meta['tokenizer']!r}, this service speaks {self.tokenizer.name!r}"
+            )
+        shape = _shape(model)
+        if self.shape is not None and shape != self.shape:
+            raise CheckpointError(
+                f"{path}: architecture {shape} differs from the served checkpoint's {self.shape}; "
+                "restart the service to serve it"
+            )
+        info = ModelInfo(
+            step=_number(meta.get("step"), int), val_loss=_number(meta.get("val_loss"), float), checkpoint=path.name
+        )
+        loaded = self._serve(model, info, path)
+        self.shape = shape
+        return loaded
 
     def pretrained(self, name_or_path: str) -> Loaded:
         """Hugging Face GPT-2 weights (a hub name or a save_pretrained directory)."""
@@ -45,6 +62,11 @@ class ModelLoader:
             )
         model = model.to(self.dtype).eval()
         return Loaded(Engine(model, self.tokenizer, self.max_batch_size), info)
+
+
+def _shape(model: GPT) -> dict:
+    config = model.config
+    return {name: getattr(config, name) for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")}
 
 
 def _number(value, kind):

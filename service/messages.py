@@ -81,4 +81,5 @@ def merge_chunks(messages: list) -> list:
 
 def waiting_for_checkpoint(settings) -> str:
     """What readiness and generation answer while no model is loaded."""
-    return f"waiting for a checkpoint in {settings.checkpoint_dir.resolve()} ({settings.checkpoint_name} not loaded yet)"
+    folder = settings.checkpoint_dir.resolve()
+    return f"waiting for a checkpoint in {folder} ({settings.checkpoint_name} not loaded yet)"

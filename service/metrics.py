@@ -15,50 +15,86 @@ from service.proctree import ProcessTreeCollector
 
 # A tiny model answers in a few milliseconds and a large one on a CPU takes seconds: buckets from 1 ms.
 LATENCY_BUCKETS = (
-    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75,
-    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1,
+    2.5,
+    5,
+    10,
+    20,
+    40,
+    80,
 )
 TOKEN_LATENCY_BUCKETS = (
-    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075,
-    0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.2,
+    0.5,
+    1,
+    2.5,
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 REQUESTS = Counter(
-    "gpt_requests", "Generation requests answered, by route, HTTP status and finish reason.",
+    "gpt_requests",
+    "Generation requests answered, by route, HTTP status and finish reason.",
     ["endpoint", "status", "finish_reason"],
 )
 E2E_LATENCY = Histogram(
-    "gpt_e2e_request_latency_seconds", "Time from receiving a generation request to sending its last byte.",
+    "gpt_e2e_request_latency_seconds",
+    "Time from receiving a generation request to sending its last byte.",
     buckets=LATENCY_BUCKETS,
 )
 TIME_TO_FIRST_TOKEN = Histogram(
-    "gpt_time_to_first_token_seconds", "Time from receiving a request to its first generated token.",
+    "gpt_time_to_first_token_seconds",
+    "Time from receiving a request to its first generated token.",
     buckets=LATENCY_BUCKETS,
 )
 INTER_TOKEN_LATENCY = Histogram(
-    "gpt_inter_token_latency_seconds", "Time between consecutive tokens of one request.",
+    "gpt_inter_token_latency_seconds",
+    "Time between consecutive tokens of one request.",
     buckets=TOKEN_LATENCY_BUCKETS,
 )
 QUEUE_TIME = Histogram(
-    "gpt_request_queue_time_seconds", "Time from receiving a request to the decode step that starts it.",
+    "gpt_request_queue_time_seconds",
+    "Time from receiving a request to the decode step that starts it.",
     buckets=LATENCY_BUCKETS,
 )
 PROMPT_TOKENS = Counter("gpt_prompt_tokens", "Prompt tokens prefilled.")
 GENERATION_TOKENS = Counter("gpt_generation_tokens", "Tokens generated.")
 BATCH_SIZE = Histogram("gpt_batch_size", "Requests advanced by one decode step.", buckets=BATCH_BUCKETS)
-RUNNING = Gauge(
-    "gpt_num_requests_running", "Requests in a running batch.", multiprocess_mode="livesum"
-)
+RUNNING = Gauge("gpt_num_requests_running", "Requests in a running batch.", multiprocess_mode="livesum")
 WAITING = Gauge(
-    "gpt_num_requests_waiting", "Requests accepted by a worker and waiting for a batch row.",
+    "gpt_num_requests_waiting",
+    "Requests accepted by a worker and waiting for a batch row.",
     multiprocess_mode="livesum",
 )
 MODEL_STEP = Gauge(
     "gpt_model_step", "Training step of the checkpoint being served.", multiprocess_mode="livemostrecent"
 )
 MODEL_VAL_LOSS = Gauge(
-    "gpt_model_val_loss", "Validation loss of the checkpoint being served (NaN when it has none).",
+    "gpt_model_val_loss",
+    "Validation loss of the checkpoint being served (NaN when it has none).",
     multiprocess_mode="livemostrecent",
 )
 RELOADS = Counter("gpt_model_reloads", "Checkpoint loads, by result.", ["result"])

@@ -111,16 +111,20 @@ class ProcessTreeCollector(Collector):
 
     def collect(self) -> Iterator:
         labels = ["pid", "role"]
+
+        def gauge(name, documentation):
+            return GaugeMetricFamily(name, documentation, labels=labels)
+
         families = {
-            "cpu": CounterMetricFamily("process_cpu_seconds", "User and system CPU time spent in seconds.", labels=labels),
-            "rss": GaugeMetricFamily("process_resident_memory_bytes", "Resident memory size in bytes.", labels=labels),
-            "vms": GaugeMetricFamily("process_virtual_memory_bytes", "Virtual memory size in bytes.", labels=labels),
-            "start": GaugeMetricFamily(
-                "process_start_time_seconds", "Start time of the process since unix epoch in seconds.", labels=labels
+            "cpu": CounterMetricFamily(
+                "process_cpu_seconds", "User and system CPU time spent in seconds.", labels=labels
             ),
-            "threads": GaugeMetricFamily("process_threads", "Number of OS threads in the process.", labels=labels),
-            "fds": GaugeMetricFamily("process_open_fds", "Number of open file descriptors.", labels=labels),
-            "max_fds": GaugeMetricFamily("process_max_fds", "Maximum number of open file descriptors.", labels=labels),
+            "rss": gauge("process_resident_memory_bytes", "Resident memory size in bytes."),
+            "vms": gauge("process_virtual_memory_bytes", "Virtual memory size in bytes."),
+            "start": gauge("process_start_time_seconds", "Start time of the process since unix epoch in seconds."),
+            "threads": gauge("process_threads", "Number of OS threads in the process."),
+            "fds": gauge("process_open_fds", "Number of open file descriptors."),
+            "max_fds": gauge("process_max_fds", "Maximum number of open file descriptors."),
         }
         boot = _boot_time()
         for stat in descendants(self.root_pid):

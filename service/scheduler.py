@@ -22,7 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from model import ContextLengthError, Engine
-
 from service import metrics
 from service.messages import FINISH_ABORT, Accepted, Chunk, Failed, GenerationRequest, ModelInfo, Rejected
 
@@ -67,7 +66,6 @@ class Scheduler:
         self._current: Loaded | None = None
         self._inbox: list[Tracked] = []
         self._cancels: set[str] = set()
-        self._stopped = False
         # Owned by the scheduler thread.
         self._requests: dict[str, Tracked] = {}
         self._active: list[Loaded] = []
@@ -82,12 +80,6 @@ class Scheduler:
 
     def start(self) -> None:
         self._thread.start()
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopped = True
-            self._cond.notify()
-        self._thread.join()
 
     def install(self, loaded: Loaded) -> None:
         """Serve `loaded` to requests accepted from now on."""
@@ -112,6 +104,8 @@ class Scheduler:
                     code="context_length_exceeded",
                     param="prompt",
                 )
+            except ValueError as e:
+                return Rejected(422, str(e), code="invalid_prompt", param="prompt")
             inbox = sum(1 for t in self._inbox if t.loaded is loaded)
             # Counts read while the scheduler thread steps are at most one step old: close enough for a bound.
             held = inbox + engine.num_running + engine.num_waiting
@@ -136,12 +130,19 @@ class Scheduler:
     # The scheduler thread.
 
     def _run(self) -> None:
+        try:
+            self._schedule()
+        except BaseException:
+            # Accepted requests would wait forever on a dead scheduler. A dead worker is noticed instead:
+            # its requests fail with 503 and LitServe starts a replacement.
+            log.critical("the scheduler crashed; ending the worker so that it is replaced", exc_info=True)
+            os._exit(70)
+
+    def _schedule(self) -> None:
         while True:
             with self._cond:
-                while not (self._inbox or self._cancels or self._has_work() or self._stopped):
+                while not (self._inbox or self._cancels or self._has_work()):
                     self._cond.wait()
-                if self._stopped:
-                    return
                 self._wait_for_batch()
                 inbox, self._inbox = self._inbox, []
                 cancels, self._cancels = self._cancels, set()
@@ -163,7 +164,7 @@ class Scheduler:
         if self.batch_wait <= 0 or self._has_work() or not self._inbox or self._current is None:
             return
         deadline = time.monotonic() + self.batch_wait
-        while len(self._inbox) < self._current.engine.max_batch_size and not self._stopped:
+        while len(self._inbox) < self._current.engine.max_batch_size:
             left = deadline - time.monotonic()
             if left <= 0:
                 return
@@ -230,4 +231,3 @@ def _deliver(tracked: Tracked, message: object) -> None:
     except RuntimeError:
         # The worker's event loop is closing: nobody is left to read this request's messages.
         log.debug("dropped a message for request %s", tracked.request.request_id)
-

@@ -13,7 +13,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from pydantic_core import PydanticCustomError
 
 from model import SamplingParams
-
 from service.errors import LIMIT_EXCEEDED
 from service.messages import ModelInfo
 
@@ -110,7 +109,8 @@ class CompletionRequest(BaseModel):
         neutral = UNSUPPORTED[info.field_name]
         if value is not None and value != neutral:
             raise PydanticCustomError(
-                "unsupported_parameter", "not supported by this service; leave it out or use {neutral}",
+                "unsupported_parameter",
+                "not supported by this service; leave it out or use {neutral}",
                 {"neutral": "null" if neutral is None else str(neutral).lower()},
             )
         return value
@@ -144,7 +144,12 @@ def predict_body(text: str, finish_reason: str, usage: dict, model: ModelInfo) -
 
 
 def completion_body(
-    completion_id: str, created: int, model_name: str, model: ModelInfo, text: str, finish_reason: str | None,
+    completion_id: str,
+    created: int,
+    model_name: str,
+    model: ModelInfo,
+    text: str,
+    finish_reason: str | None,
     usage: dict | None = None,
 ) -> dict:
     """A completion, or one streamed chunk of it (object type as OpenAI sends both)."""

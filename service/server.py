@@ -9,7 +9,6 @@ import litserve as ls
 import torch
 
 from model import resolve_device
-
 from service import lifecycle
 from service.access import AccessLog
 from service.api import GenerationAPI

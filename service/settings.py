@@ -38,7 +38,9 @@ class ServiceSettings(BaseSettings):
 
     # Inference workers
     workers: int = Field(1, ge=1, le=64, description="Inference worker processes (per device); each holds the model.")
-    device: str = Field("auto", description="Torch device of the workers: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps.")
+    device: str = Field(
+        "auto", description="Torch device of the workers: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps."
+    )
     dtype: Literal["auto", "bf16", "fp32"] = Field(
         "fp32",
         description="Weight precision. auto picks bf16 where the device claims native support; on CPUs measure first "
@@ -47,7 +49,9 @@ class ServiceSettings(BaseSettings):
     threads: int | None = Field(
         None, ge=1, description="Torch threads per worker (none: the machine's cores shared out between the workers)."
     )
-    max_batch_size: int = Field(16, ge=1, le=1024, description="Requests decoded together in one forward pass per worker.")
+    max_batch_size: int = Field(
+        16, ge=1, le=1024, description="Requests decoded together in one forward pass per worker."
+    )
     batch_wait: float = Field(
         0.0, ge=0, le=1, description="Seconds an idle worker waits for more requests before its first prefill."
     )

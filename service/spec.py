@@ -20,8 +20,8 @@ from litserve.specs.base import LitSpec
 from pydantic import BaseModel, ValidationError
 
 from model import SamplingParams, Tokenizer
-
 from service import schemas
+from service.access import CLIENT_CLOSED
 from service.auth import authorize
 from service.board import Board
 from service.calls import ClientGone, WorkerCall
@@ -30,8 +30,6 @@ from service.limits import read_body
 from service.messages import Accepted, GenerationRequest
 from service.settings import ServiceSettings
 
-# nginx's code for "the client closed the connection before the answer": logged and counted, never sent.
-CLIENT_CLOSED = 499
 DONE_EVENT = "data: [DONE]\n\n"
 
 

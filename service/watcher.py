@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,7 +29,6 @@ class CheckpointWatcher:
         self._load = load
         self._install = install
         self._seen: tuple[int, int, int] | None = None
-        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="checkpoint-watcher", daemon=True)
 
     def poll(self) -> bool:
@@ -36,6 +36,9 @@ class CheckpointWatcher:
         try:
             stat = os.stat(self.path)
         except FileNotFoundError:
+            return False
+        except OSError as e:
+            log.error("cannot check checkpoint %s: %s", self.path, e)
             return False
         version = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
         if version == self._seen:
@@ -55,10 +58,7 @@ class CheckpointWatcher:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+        while True:
+            time.sleep(self.interval)
             self.poll()

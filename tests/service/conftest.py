@@ -1,0 +1,53 @@
+"""Service fixtures: the real `service serve` as a subprocess on a free port, over tiny checkpoints.
+
+Starting a service costs a few seconds (a spawned worker imports torch), so tests share one
+session-wide service (`served`) wherever they do not disturb each other; files that change what is
+served (reloads, shutdown) start their own.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from service_testkit import API_KEY, Service, publish, start_service
+
+
+@pytest.fixture(scope="session")
+def launch(tmp_path_factory):
+    """Start services that are stopped (SIGTERM, then SIGKILL) at the end of the session."""
+    started: list[Service] = []
+
+    def launch(checkpoint_dir: Path, *args: str, env: dict | None = None, api_key: str | None = None) -> Service:
+        service = start_service(tmp_path_factory.mktemp("service"), checkpoint_dir, *args, env=env, api_key=api_key)
+        started.append(service)
+        return service
+
+    yield launch
+    for service in started:
+        try:
+            service.stop()
+        except subprocess.TimeoutExpired:
+            service.process.kill()
+
+
+@pytest.fixture(scope="session")
+def served(launch, tmp_path_factory) -> Service:
+    """The shared service: step 100 of a tiny model, an API key, small limits that tests can reach."""
+    checkpoint_dir = tmp_path_factory.mktemp("checkpoints")
+    publish(checkpoint_dir, step=100, val_loss=3.25)
+    return launch(
+        checkpoint_dir,
+        "--max-batch-size",
+        "8",
+        "--max-queued-requests",
+        "8",
+        "--max-new-tokens",
+        "1000",
+        "--max-prompt-tokens",
+        "300",
+        "--max-body-bytes",
+        "65536",
+        api_key=API_KEY,
+    )

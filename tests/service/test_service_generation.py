@@ -1,0 +1,91 @@
+"""Generation through /predict: answers, streams, batching and continuous batching."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+from service_testkit import wait_for
+
+from model import Tokenizer
+
+
+def test_predict_answers_text_usage_and_the_model_that_produced_it(served):
+    with served.client() as client:
+        response = client.post("/predict", json={"prompt": "Once upon a time", "max_new_tokens": 12, "seed": 3})
+    assert response.status_code == 200
+    body = response.json()
+    assert set(body) == {"text", "finish_reason", "usage", "model"}
+    assert body["finish_reason"] == "length"
+    assert body["usage"] == {"prompt_tokens": len(Tokenizer().encode("Once upon a time")), "completion_tokens": 12}
+    assert body["model"] == {"step": 100, "val_loss": 3.25, "checkpoint": "best_model.pt"}
+    assert body["text"]
+    assert response.headers["x-model-step"] == "100"
+    assert len(response.headers["x-request-id"]) == 32
+
+
+def test_a_seed_reproduces_and_another_seed_differs(served):
+    first = served.predict(prompt="The king", max_new_tokens=20, seed=7)
+    again = served.predict(prompt="The king", max_new_tokens=20, seed=7)
+    other = served.predict(prompt="The king", max_new_tokens=20, seed=8)
+    assert first["text"] == again["text"]
+    assert first["text"] != other["text"]
+
+
+def test_stream_sends_one_event_per_token_then_usage_and_equals_the_unstreamed_text(served):
+    request = {"prompt": "To be or not", "max_new_tokens": 40, "seed": 11, "temperature": 0.9, "top_k": 20}
+    whole = served.predict(**request)
+    events = [event for _, event in served.stream(**request)]
+    *tokens, last = events
+    assert all(set(event) == {"text"} for event in tokens)
+    assert last["finish_reason"] == "length"
+    assert last["usage"] == whole["usage"]
+    assert last["model"] == whole["model"]
+    # Small groups are allowed, but a 40-token answer arrives in more than a handful of events.
+    assert len(events) > 5
+    assert "".join(event["text"] for event in events) == whole["text"]
+
+
+def test_stop_strings_end_the_text_before_them(served):
+    free = served.predict(prompt="Stop here", max_new_tokens=30, seed=5, temperature=0)
+    stop = free["text"][10:13]
+    stopped = served.predict(prompt="Stop here", max_new_tokens=30, seed=5, temperature=0, stop=[stop])
+    assert stopped["finish_reason"] == "stop"
+    assert stopped["text"] == free["text"][: free["text"].index(stop)]
+    streamed = served.stream(prompt="Stop here", max_new_tokens=30, seed=5, temperature=0, stop=[stop])
+    events = [event for _, event in streamed]
+    assert "".join(event["text"] for event in events) == stopped["text"]
+    assert events[-1]["finish_reason"] == "stop"
+
+
+def test_sixteen_concurrent_clients_get_their_own_answers_in_shared_batches(served):
+    requests = [
+        {"prompt": f"Client number {i} says", "max_new_tokens": 24, "seed": i, "temperature": 0.8} for i in range(16)
+    ]
+    alone = [served.predict(**request)["text"] for request in requests]
+    before = served.metrics()
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(lambda request: served.predict(**request)["text"], requests))
+    after = served.metrics()
+    assert together == alone
+    steps = after.get("gpt_batch_size_count") - before.get("gpt_batch_size_count")
+    single = after.get("gpt_batch_size_bucket", le="1.0") - before.get("gpt_batch_size_bucket", le="1.0")
+    assert steps - single > 0, "no decode step advanced more than one request"
+    # 16 answers of 24 tokens took far fewer steps than 384 one-request steps.
+    assert steps < 16 * 24 / 2
+
+
+def test_a_short_request_leaves_the_batch_as_soon_as_it_is_done(served):
+    with ThreadPoolExecutor(2) as pool:
+        long = pool.submit(served.stream, prompt="A long story", max_new_tokens=400, seed=1)
+        # Wait until the long request is running, so the short one joins its batch.
+        wait_for(lambda: served.metrics().get("gpt_num_requests_running") >= 1, 30, message="the long request")
+        short = pool.submit(served.stream, prompt="A short one", max_new_tokens=3, seed=2)
+        short_events, long_events = short.result(), long.result()
+    short_done = short_events[-1][0]
+    long_done = long_events[-1][0]
+    assert short_events[-1][1]["usage"]["completion_tokens"] == 3
+    assert long_events[-1][1]["usage"]["completion_tokens"] == 400
+    # The short answer was complete while the long one still had most of its tokens to produce.
+    tokens_before_short_done = sum(1 for t, _ in long_events if t <= short_done)
+    assert short_done < long_done
+    assert tokens_before_short_done < 400 / 2, tokens_before_short_done

@@ -1,0 +1,123 @@
+"""Pretrained weights before the first checkpoint, a worker that dies, idling, and shutting down.
+
+A service is started over an empty checkpoint folder with `--init` pointing at a Hugging Face
+directory; the last test of the file stops it with Ctrl-C. SIGTERM gets a service of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from service_testkit import publish, tiny_model, wait_for
+
+from service.proctree import alive, descendants
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("hf") / "tiny-gpt2"
+    tiny_model(seed=5).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def service(launch, tmp_path_factory, hf_dir):
+    return launch(tmp_path_factory.mktemp("checkpoints"), "--init", str(hf_dir))
+
+
+def worker_pid(service) -> int:
+    [pid] = [
+        int(dict(labels)["pid"])
+        for (name, labels) in service.metrics().samples
+        if name == "process_threads" and dict(labels)["role"] == "worker"
+    ]
+    return pid
+
+
+def test_init_weights_are_served_until_a_checkpoint_appears(service, hf_dir):
+    assert service.health().status_code == 200
+    body = service.predict(prompt="Hello", max_new_tokens=4)
+    assert body["model"] == {"step": None, "val_loss": None, "checkpoint": hf_dir.name}
+
+
+def test_an_idle_service_uses_almost_no_cpu(service):
+    root = service.process.pid
+    window = 3.0
+    before = sum(p.cpu_seconds for p in descendants(root))
+    time.sleep(window)  # a measurement window, not a synchronisation
+    used = sum(p.cpu_seconds for p in descendants(root)) - before
+    assert used < 0.05 * window, f"{used:.2f} s of CPU in {window} s idle"
+
+
+def test_a_killed_worker_fails_its_requests_with_503_and_is_replaced(service):
+    victim = worker_pid(service)
+    with ThreadPoolExecutor(2) as pool:
+        with (
+            service.client() as client,
+            client.stream(
+                "POST", "/predict", json={"prompt": "Doomed", "max_new_tokens": 1000, "stream": True}
+            ) as streamed,
+        ):
+            assert streamed.status_code == 200
+            lines = streamed.iter_lines()
+            assert next(lines).startswith("data: ")
+            plain = pool.submit(
+                lambda: httpx.post(
+                    service.url + "/predict", json={"prompt": "Doomed too", "max_new_tokens": 1000}, timeout=60
+                )
+            )
+            wait_for(lambda: service.metrics().get("gpt_num_requests_running") == 2, 10, message="both requests")
+            os.kill(victim, signal.SIGKILL)
+            rest = [line for line in lines if line.startswith("data: ")]
+        response = plain.result()
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "worker_unavailable"
+    assert rest[-1] == "data: [DONE]"
+    assert '"worker_unavailable"' in rest[-2] and "died" in rest[-2]
+
+    wait_for(lambda: service.health().status_code == 200, 60, interval=0.2, message="a replacement worker")
+    assert worker_pid(service) != victim
+    assert service.predict(prompt="Back", max_new_tokens=3)["usage"]["completion_tokens"] == 3
+    # The dead worker's gauges went with it.
+    assert service.metrics().get("gpt_num_requests_running") == 0
+
+
+def test_ctrl_c_drains_and_leaves_no_process(service):
+    publish(service.checkpoint_dir, step=7)
+    service.wait_serving(step=7)
+    assert_drains(service, lambda: os.killpg(service.process.pid, signal.SIGINT))
+
+
+def test_sigterm_drains_and_leaves_no_process(launch, tmp_path):
+    publish(tmp_path, step=3)
+    service = launch(tmp_path, "--api-servers", "2")
+    assert_drains(service, lambda: service.process.send_signal(signal.SIGTERM))
+
+
+def assert_drains(service, stop):
+    """Stop the service mid-request: the request completes, new ones are not served, nothing remains."""
+    processes = [p.pid for p in descendants(service.process.pid)]
+    assert len(processes) >= 4  # main, HTTP server(s), inference worker, LitServe's manager
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(service.stream, prompt="Finish me", max_new_tokens=600)
+        wait_for(lambda: service.metrics().get("gpt_num_requests_running") == 1, 10, message="the request")
+        stop()
+        wait_for(lambda: refused(service), 10, message="new requests to be refused")
+        events = running.result()
+    assert events[-1][1]["finish_reason"] == "length"
+    assert events[-1][1]["usage"]["completion_tokens"] == 600
+    assert service.process.wait(timeout=60) == 0
+    wait_for(lambda: not any(alive(pid) for pid in processes), 10, message="every service process to exit")
+
+
+def refused(service) -> bool:
+    try:
+        httpx.get(service.url + "/health", timeout=0.5)
+    except httpx.TransportError:
+        return True
+    return False

@@ -1,0 +1,146 @@
+"""Readiness before the first checkpoint, hot reload under traffic, and refusal of bad checkpoints.
+
+These tests share one service started over an empty checkpoint folder and run in file order: the
+first one needs the folder still empty.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+from service_testkit import publish, tiny_model, wait_for
+
+from model import save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def service(launch, tmp_path_factory):
+    return launch(tmp_path_factory.mktemp("checkpoints"), "--max-batch-size", "8")
+
+
+def test_without_a_checkpoint_it_is_live_but_not_ready(service):
+    assert httpx.get(service.url + "/live").status_code == 200
+    health = service.health()
+    assert health.status_code == 503
+    message = health.json()["message"]
+    assert str(service.checkpoint_dir) in message and "waiting for a checkpoint" in message
+    with service.client() as client:
+        for stream in (False, True):
+            response = client.post("/predict", json={"prompt": "Hello", "stream": stream})
+            assert response.status_code == 503
+            assert response.json()["error"]["message"] == message
+        response = client.post("/v1/completions", json={"model": "gpt", "prompt": "Hello"})
+        assert response.status_code == 503 and response.json()["error"]["message"] == message
+
+
+def test_a_published_checkpoint_is_served_within_two_seconds(service):
+    publish(service.checkpoint_dir, step=1, val_loss=4.0, seed=1)
+    published = time.monotonic()
+    served_at = service.wait_serving(step=1, timeout=10)
+    assert served_at - published < 2.0
+    body = service.predict(prompt="Hello", max_new_tokens=5)
+    assert body["model"] == {"step": 1, "val_loss": 4.0, "checkpoint": "best_model.pt"}
+
+
+def test_hot_reload_under_traffic_fails_nothing_and_running_requests_keep_their_weights(service):
+    publish(service.checkpoint_dir, step=10, seed=10)
+    service.wait_serving(step=10)
+    long_request = {"prompt": "A long greedy story", "max_new_tokens": 600, "temperature": 0}
+    expected = service.predict(**long_request)["text"]
+
+    stop = threading.Event()
+    answers, failures = [], []
+
+    def traffic(i):
+        with service.client() as client:
+            while not stop.is_set():
+                response = client.post("/predict", json={"prompt": f"Busy {i}", "max_new_tokens": 8, "seed": i})
+                (answers if response.status_code == 200 else failures).append(response)
+
+    with ThreadPoolExecutor(5) as pool:
+        for i in range(4):
+            pool.submit(traffic, i)
+        try:
+            long = pool.submit(service.stream, **long_request)
+            wait_for(lambda: service.metrics().get("gpt_num_requests_running") >= 1, 10, message="the long request")
+            publish(service.checkpoint_dir, step=11, seed=11)
+            reloaded_at = service.wait_serving(step=11)
+            events = long.result()
+            time.sleep(0.3)  # let the traffic run on the new weights for a moment
+        finally:
+            stop.set()
+
+    assert failures == []
+    final = events[-1][1]
+    assert final["model"]["step"] == 10
+    assert "".join(event["text"] for _, event in events) == expected
+    # The long request was still producing tokens after the new weights were being served.
+    assert events[-1][0] > reloaded_at
+    steps = [response.json()["model"]["step"] for response in answers]
+    assert set(steps) == {10, 11} and steps[-1] == 11
+    assert service.predict(prompt="After", max_new_tokens=3)["model"]["step"] == 11
+
+
+def foreign_checkpoint(path):
+    torch.save({"state_dict": tiny_model().state_dict(), "epoch": 3}, path)
+
+
+def other_tokenizer_checkpoint(path):
+    save_checkpoint(path, tiny_model(), step=99, tokenizer="cl100k_base")
+
+
+def mismatched_weights_checkpoint(path):
+    data = torch.load(path, weights_only=True)
+    data["config"]["n_embd"] = 64
+    torch.save(data, path)
+
+
+def truncated_checkpoint(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def random_bytes(path):
+    path.write_bytes(os.urandom(4096))
+
+
+def other_shape_checkpoint(path):
+    publish(path.parent, step=99, name=path.name, n_layer=3)
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        truncated_checkpoint,
+        random_bytes,
+        foreign_checkpoint,
+        other_tokenizer_checkpoint,
+        mismatched_weights_checkpoint,
+        other_shape_checkpoint,
+    ],
+)
+def test_a_bad_checkpoint_is_refused_and_the_previous_model_keeps_serving(service, spoil, tmp_path):
+    good = publish(service.checkpoint_dir, step=20, seed=20)
+    service.wait_serving(step=20)
+    before = service.metrics().get("gpt_model_reloads_total", result="failure")
+
+    staged = publish(tmp_path, step=99, seed=99)
+    spoil(staged)
+    os.replace(staged, good)  # published atomically, like the trainer
+    wait_for(
+        lambda: service.metrics().get("gpt_model_reloads_total", result="failure") == before + 1,
+        10,
+        message="the failed reload to be counted",
+    )
+    assert service.predict(prompt="Still here", max_new_tokens=3)["model"]["step"] == 20
+    assert service.health().status_code == 200
+    assert "refused checkpoint" in service.log()
+
+    publish(service.checkpoint_dir, step=21, seed=21)
+    service.wait_serving(step=21)

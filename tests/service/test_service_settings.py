@@ -1,0 +1,34 @@
+"""`service serve` settings: every one a documented flag and a SERVICE_* variable, checked early."""
+
+from __future__ import annotations
+
+from click.testing import CliRunner
+
+from service.cli import main
+from service.settings import ServiceSettings
+
+
+def test_help_documents_every_setting_with_its_variable_and_default():
+    text = " ".join(CliRunner().invoke(main, ["serve", "--help"]).output.split())
+    for name, field in ServiceSettings.model_fields.items():
+        assert f"--{name.replace('_', '-')}" in text, name
+        assert f"env: SERVICE_{name.upper()}" in text, name
+        assert field.description and " ".join(field.description.split()) in text, name
+
+
+def test_bad_values_are_usage_errors_naming_flag_and_variable():
+    result = CliRunner().invoke(main, ["serve", "--max-batch-size", "0"])
+    assert result.exit_code == 2
+    assert "--max-batch-size / SERVICE_MAX_BATCH_SIZE" in result.output
+    result = CliRunner().invoke(main, ["serve"], env={"SERVICE_PORT": "80"})
+    assert result.exit_code == 2
+    assert "--port / SERVICE_PORT" in result.output
+
+
+def test_flags_beat_environment_beat_defaults(monkeypatch):
+    monkeypatch.setenv("SERVICE_MAX_BATCH_SIZE", "4")
+    assert ServiceSettings().max_batch_size == 4
+    assert ServiceSettings(max_batch_size=2).max_batch_size == 2
+    monkeypatch.delenv("SERVICE_MAX_BATCH_SIZE")
+    assert ServiceSettings().max_batch_size == 16
+    assert ServiceSettings().api_key is None

@@ -1,0 +1,102 @@
+"""Bad input, limits and the API key: every refusal is a 4xx with a JSON body that names the problem."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+# (body, status, the field the error must name, a word its message must contain)
+BAD_PREDICT_BODIES = [
+    ({}, 422, "prompt", "required"),
+    ({"prompt": ""}, 422, "prompt", "at least 1"),
+    ({"prompt": 42}, 422, "prompt", "string"),
+    ({"prompt": "hi", "max_new_tokens": "5"}, 422, "max_new_tokens", "integer"),
+    ({"prompt": "hi", "max_new_tokens": 2.5}, 422, "max_new_tokens", "integer"),
+    ({"prompt": "hi", "max_new_tokens": 0}, 422, "max_new_tokens", "greater than or equal to 1"),
+    ({"prompt": "hi", "max_new_tokens": 1001}, 422, "max_new_tokens", "at most 1000"),
+    ({"prompt": "hi", "temperature": -0.5}, 422, "temperature", "greater than or equal to 0"),
+    ({"prompt": "hi", "temperature": "hot"}, 422, "temperature", "number"),
+    ({"prompt": "hi", "top_k": 0}, 422, "top_k", "greater than or equal to 1"),
+    ({"prompt": "hi", "top_p": 0}, 422, "top_p", "greater than 0"),
+    ({"prompt": "hi", "top_p": 1.5}, 422, "top_p", "less than or equal to 1"),
+    ({"prompt": "hi", "seed": "abc"}, 422, "seed", "integer"),
+    ({"prompt": "hi", "seed": 2**70}, 422, "seed", "less than or equal"),
+    ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 422, "stop", "at most 4"),
+    ({"prompt": "hi", "stop": "a"}, 422, "stop", "array"),
+    ({"prompt": "hi", "stream": "yes"}, 422, "stream", "boolean"),
+    ({"prompt": "hi", "max_tokens": 5}, 422, "max_tokens", "not permitted"),
+]
+
+
+def error_of(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return error
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+def test_every_bad_field_is_named_in_a_4xx_streamed_or_not(served, stream):
+    with served.client() as client:
+        for body, status, field, words in BAD_PREDICT_BODIES:
+            if stream and "stream" not in body:
+                body = {**body, "stream": True}
+            error = error_of(client.post("/predict", json=body), status)
+            assert error["param"] == field, (body, error)
+            assert field in error["message"] and words in error["message"], (body, error)
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"", b"[1, 2]", b'"text"', b"\xff\xfe"])
+def test_malformed_bodies_are_refused_with_json(served, raw):
+    with served.client() as client:
+        response = client.post("/predict", content=raw, headers={"content-type": "application/json"})
+    error = error_of(response, 422)
+    assert error["message"]
+
+
+def test_a_prompt_over_the_token_limit_is_refused_before_streaming(served):
+    prompt = " word" * 301
+    with served.client() as client:
+        for stream in (False, True):
+            error = error_of(client.post("/predict", json={"prompt": prompt, "stream": stream}), 422)
+            assert error["param"] == "prompt" and "301 tokens exceed the limit of 300" in error["message"]
+
+
+def test_a_prompt_that_does_not_fit_the_context_is_refused_before_streaming(served):
+    # 200 prompt tokens + 900 new ones exceed the tiny model's 1024-token context.
+    prompt = " word" * 200
+    with served.client() as client:
+        for stream in (False, True):
+            response = client.post("/predict", json={"prompt": prompt, "max_new_tokens": 900, "stream": stream})
+            error = error_of(response, 422)
+            assert error["code"] == "context_length_exceeded"
+            assert "200 tokens plus 900 new tokens exceed the model's context of 1024" in error["message"]
+
+
+def test_a_body_over_the_size_limit_gets_413(served):
+    with served.client() as client:
+        response = client.post("/predict", json={"prompt": "x" * 70_000})
+        error = error_of(response, 413)
+        assert "65536 bytes" in error["message"]
+        # Chunked, without a Content-Length to reject it by.
+        response = client.post("/predict", content=iter([b'{"prompt": "', b"y" * 70_000, b'"}']))
+        error_of(response, 413)
+
+
+@pytest.mark.parametrize("path", ["/predict", "/v1/completions", "/v1/models"])
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong-key", "Basic dGVzdA==", "Bearer"])
+def test_generation_routes_need_the_api_key(served, path, authorization):
+    headers = {"authorization": authorization} if authorization else {}
+    method = "GET" if path == "/v1/models" else "POST"
+    response = httpx.request(method, served.url + path, headers=headers, json={"prompt": "hi", "model": "gpt"})
+    error = error_of(response, 401)
+    assert error["code"] == "invalid_api_key"
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert served.api_key not in response.text
+
+
+def test_probes_and_scrapes_need_no_key(served):
+    assert httpx.get(served.url + "/health").status_code == 200
+    assert httpx.get(served.url + "/live").status_code == 200
+    assert httpx.get(served.url + "/metrics").status_code == 200
