@@ -5,11 +5,15 @@ Metric names are a contract with the dashboard: change them only together.
 
 from __future__ import annotations
 
+import math
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+from trainer.checkpoints import Progress
 
 
 class TrainingMetrics:
-    def __init__(self, port: int):
+    def __init__(self, port: int, start: Progress):
         self.registry = CollectorRegistry()
         r = self.registry
         self.loss = Gauge("gpt_train_loss", "Training loss of the latest logged step", registry=r)
@@ -27,6 +31,12 @@ class TrainingMetrics:
         )
         for kind in ("best", "last", "final"):
             self.checkpoints.labels(kind=kind)
+        # NaN, not 0, until known: a dashboard shows a gap rather than a perfect loss.
+        for gauge, value in ((self.loss, start.loss), (self.val_loss, start.val_loss),
+                             (self.best_val_loss, start.best_loss)):
+            gauge.set(math.nan if value is None else value)
+        self.step.set(start.step)
+        self.tokens.inc(start.tokens)
         self._server, _ = start_http_server(port, registry=r)
         self.port = self._server.server_port
 

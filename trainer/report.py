@@ -14,19 +14,21 @@ from trainer.prometheus import TrainingMetrics
 
 
 class Reporter:
-    def __init__(self, out: Path, total_steps: int, start_step: int, metrics_port: int | None, enabled: bool,
-                 fresh: bool):
+    def __init__(self, out: Path, start: Progress, total_steps: int, tokens_per_step: int,
+                 metrics_port: int | None, enabled: bool):
+        """`start` is where the run begins: a fresh Progress, or the one a resume restored."""
         self.enabled = enabled
+        self.tokens_per_step = tokens_per_step
         self.metrics = None
         self.bar = None
         if not enabled:
             return
-        self.jsonl = _open_jsonl(out / "metrics.jsonl", start_step if not fresh else 0)
+        self.jsonl = _open_jsonl(out / "metrics.jsonl", start.step)
         if metrics_port is not None:
-            self.metrics = TrainingMetrics(metrics_port)
+            self.metrics = TrainingMetrics(metrics_port, start)
             self.say(f"Prometheus metrics on port {self.metrics.port}")
         if sys.stdout.isatty():
-            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=False)
+            self.bar = tqdm(total=total_steps, initial=start.step, unit="step", dynamic_ncols=True, leave=False)
 
     def say(self, line: str) -> None:
         if not self.enabled:
@@ -36,12 +38,8 @@ class Reporter:
         else:
             print(line, flush=True)
 
-    def resumed(self, tokens: int) -> None:
-        if self.metrics:
-            self.metrics.tokens.inc(tokens)
-
     def step(self, progress: Progress, grad_norm: float, tokens_per_sec: float, ms_per_step: float,
-             mfu: float | None, evaluated: bool, log: bool, new_tokens: int) -> None:
+             mfu: float | None, evaluated: bool, log: bool) -> None:
         """Record one optimizer step; console and metrics.jsonl only on logged or evaluated steps."""
         if not self.enabled:
             return
@@ -49,7 +47,7 @@ class Reporter:
             self.bar.update(1)
         if self.metrics:
             m = self.metrics
-            m.tokens.inc(new_tokens)
+            m.tokens.inc(self.tokens_per_step)
             m.loss.set(progress.loss)
             m.lr.set(progress.learning_rate)
             m.grad_norm.set(grad_norm)

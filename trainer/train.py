@@ -104,7 +104,8 @@ class Trainer:
         return torch.autocast(self.ctx.device.type, dtype=self.dtype)
 
     def train_step(self) -> tuple[float, float]:
-        """One optimizer step; returns the mean loss over the global batch and the gradient norm."""
+        """One optimizer step, counted in `progress`; returns the global batch's mean loss and the
+        gradient norm."""
         s, ctx = self.settings, self.ctx
         lr = learning_rate(self.progress.step, s.lr, s.min_lr, s.warmup_steps, s.decay_steps)
         for group in self.optimizer.param_groups:
@@ -137,6 +138,9 @@ class Trainer:
             )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.progress.step += 1
+        self.progress.tokens += self.tokens_per_step
+        self.progress.loss = loss
         return loss, grad_norm
 
     @torch.no_grad()
@@ -165,11 +169,10 @@ class Trainer:
 
     def run(self) -> Progress:
         s, ctx, p = self.settings, self.ctx, self.progress
-        reporter = Reporter(self.out, s.steps, p.step, s.metrics_port, ctx.is_main, fresh=not self.resumed)
+        reporter = Reporter(self.out, p, s.steps, self.tokens_per_step, s.metrics_port, ctx.is_main)
         try:
             with StopRequest() as stop:
                 self._describe(reporter)
-                reporter.resumed(p.tokens)
                 self._loop(reporter, stop)
         finally:
             reporter.close()
@@ -182,10 +185,8 @@ class Trainer:
         finished = p.step >= s.steps
         while not finished:
             t0 = time.perf_counter()
-            p.loss, grad_norm = self.train_step()
+            _, grad_norm = self.train_step()
             step_time = time.perf_counter() - t0
-            p.step += 1
-            p.tokens += self.tokens_per_step
             p.elapsed = time.perf_counter() - started
             window_time += step_time
             window_steps += 1
@@ -198,8 +199,7 @@ class Trainer:
             log = p.step % s.log_interval == 0 or finished or stopping
             tokens_per_sec = self.tokens_per_step * window_steps / window_time
             mfu = self.flops_per_token * tokens_per_sec / self.peak if self.peak else None
-            reporter.step(p, grad_norm, tokens_per_sec, 1000 * window_time / window_steps, mfu, evaluated, log,
-                          self.tokens_per_step)
+            reporter.step(p, grad_norm, tokens_per_sec, 1000 * window_time / window_steps, mfu, evaluated, log)
             if log:
                 window_time, window_steps = 0.0, 0
             if p.step % s.checkpoint_interval == 0 or finished or stopping:
