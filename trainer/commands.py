@@ -14,7 +14,12 @@ def sample(checkpoint: Path, prompt: str, num_samples: int, max_new_tokens: int,
     tokenizer = Tokenizer()
     # An empty prompt starts from end-of-text, the token every document follows.
     tokens = tokenizer.encode(prompt) or [EOT_TOKEN]
-    max_new_tokens = min(max_new_tokens, model.config.block_size - len(tokens))
+    room = model.config.block_size - len(tokens)
+    if room < 1:
+        raise ValueError(
+            f"the prompt's {len(tokens)} tokens fill the model's context of {model.config.block_size}: shorten it"
+        )
+    max_new_tokens = min(max_new_tokens, room)
     engine = Engine(model, tokenizer, max_batch_size=num_samples)
     ids = [
         engine.add(tokens, SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,

@@ -53,3 +53,8 @@ def test_commands_explain_bad_checkpoints(tmp_path):
                  ("sample", "--checkpoint", str(junk))):
         output = run(*args, expect=1)
         assert f"{junk}: not a readable checkpoint" in output and "Traceback" not in output
+
+
+def test_sample_refuses_a_prompt_that_fills_the_context(trained):
+    output = run("sample", "--checkpoint", str(trained / "best_model.pt"), "--prompt", "word " * 80, expect=1)  # 81 tokens
+    assert "the prompt's 81 tokens fill the model's context of 64: shorten it" in output
