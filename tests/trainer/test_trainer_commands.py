@@ -56,5 +56,6 @@ def test_commands_explain_bad_checkpoints(tmp_path):
 
 
 def test_sample_refuses_a_prompt_that_fills_the_context(trained):
-    output = run("sample", "--checkpoint", str(trained / "best_model.pt"), "--prompt", "word " * 80, expect=1)  # 81 tokens
+    prompt = "word " * 80  # 81 tokens: 80 words and the trailing space
+    output = run("sample", "--checkpoint", str(trained / "best_model.pt"), "--prompt", prompt, expect=1)
     assert "the prompt's 81 tokens fill the model's context of 64: shorten it" in output
