@@ -59,6 +59,7 @@ class GenerationAPI(ls.LitAPI):
         loader = ModelLoader(
             torch_device,
             autocast_dtype(torch_device, self.settings.dtype),
+            self.settings.quantize,
             Tokenizer(),
             self.settings.max_batch_size,
         )

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from model.settings import build_settings, settings_options
+from service.logs import configure_logging
 from service.settings import ServiceSettings
 
 
@@ -26,9 +27,14 @@ def serve(**flags) -> None:
     metrics_dir = prepare_metrics_dir(settings.metrics_dir)
     try:
         # Imported only now: prometheus_client reads PROMETHEUS_MULTIPROC_DIR when first imported.
-        from service.server import serve as run
+        from service.server import build, serve
 
-        run(settings)
+        configure_logging(settings.log_level)
+        try:
+            server = build(settings)
+        except ValueError as e:
+            raise click.UsageError(str(e)) from None
+        serve(server, settings)
     finally:
         if settings.metrics_dir is None:
             shutil.rmtree(metrics_dir, ignore_errors=True)

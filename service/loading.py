@@ -7,14 +7,18 @@ from pathlib import Path
 import torch
 
 from model import GPT, CheckpointError, Engine, Tokenizer, load_checkpoint
+from model.quantize import quantize
 from service.messages import ModelInfo
 from service.scheduler import Loaded
 
 
 class ModelLoader:
-    def __init__(self, device: torch.device, dtype: torch.dtype, tokenizer: Tokenizer, max_batch_size: int):
+    def __init__(
+        self, device: torch.device, dtype: torch.dtype, quantization: str, tokenizer: Tokenizer, max_batch_size: int
+    ):
         self.device = device
         self.dtype = dtype
+        self.quantization = quantization
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.shape: dict | None = None
@@ -60,7 +64,7 @@ class ModelLoader:
                 f"{source}: a vocabulary of {model.config.vocab_size} tokens does not fit the "
                 f"{self.tokenizer.vocab_size} of tokenizer {self.tokenizer.name}"
             )
-        model = model.to(self.dtype).eval()
+        model = quantize(model.to(self.dtype).eval(), self.quantization)
         return Loaded(Engine(model, self.tokenizer, self.max_batch_size), info)
 
 

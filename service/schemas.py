@@ -87,6 +87,8 @@ class CompletionRequest(BaseModel):
     temperature: float | None = Field(1.0, ge=0, allow_inf_nan=False)
     top_p: float | None = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=1)
+    # vLLM's extension: generate max_tokens tokens even past an end-of-text (benchmarks want fixed lengths).
+    ignore_eos: bool = False
     stop: StopString | list[StopString] | None = Field(None, max_length=MAX_STOP)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -132,6 +134,7 @@ class CompletionRequest(BaseModel):
             top_p=1.0 if self.top_p is None else self.top_p,
             seed=self.seed,
             stop=tuple(stop),
+            stop_at_eot=not self.ignore_eos,
         )
 
 

@@ -13,7 +13,6 @@ from service import lifecycle
 from service.access import AccessLog
 from service.api import GenerationAPI
 from service.board import Board
-from service.logs import configure_logging
 from service.probes import probes
 from service.settings import ServiceSettings
 
@@ -40,7 +39,10 @@ class Server(ls.LitServer):
 
 
 def build(settings: ServiceSettings) -> Server:
+    """The server for `settings`; ValueError if they do not fit this machine."""
     device = resolve_device(settings.device)
+    if settings.quantize != "none" and device.type != "cpu":
+        raise ValueError(f"--quantize {settings.quantize} uses CPU kernels; the workers would run on {device}")
     if device.type == "cuda":
         devices = [device.index] if device.index is not None else list(range(torch.cuda.device_count()))
     else:
@@ -63,9 +65,7 @@ def build(settings: ServiceSettings) -> Server:
     return server
 
 
-def serve(settings: ServiceSettings) -> None:
-    configure_logging(settings.log_level)
-    server = build(settings)
+def serve(server: Server, settings: ServiceSettings) -> None:
     main_pid = os.getpid()
     # HTTP servers and LitServe's manager are forked from here: they must not outlive this process,
     # nor inherit the SIGTERM handler meant for it.

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -107,8 +108,11 @@ class Service:
         assert response.status_code == 200, response.text
         return response.json()
 
-    def stream(self, path: str = "/predict", **body) -> list[tuple[float, dict]]:
-        """POST a streamed request; return (arrival time, event) pairs, `[DONE]` excluded and checked."""
+    def stream(self, path: str = "/predict", first: threading.Event | None = None, **body) -> list[tuple[float, dict]]:
+        """POST a streamed request; return (arrival time, event) pairs, `[DONE]` excluded and checked.
+
+        `first` is set when the first event arrives, for tests that act while the request runs.
+        """
         events = []
         with self.client() as client, client.stream("POST", path, json={**body, "stream": True}) as response:
             assert response.status_code == 200, response.read()
@@ -116,6 +120,8 @@ class Service:
             for line in response.iter_lines():
                 if line.startswith("data: "):
                     events.append((time.monotonic(), line[len("data: ") :]))
+                    if first is not None:
+                        first.set()
         assert events and events[-1][1] == "[DONE]", events[-3:]
         return [(t, json.loads(data)) for t, data in events[:-1]]
 

@@ -95,8 +95,20 @@ def test_ctrl_c_drains_and_leaves_no_process(service):
 
 def test_sigterm_drains_and_leaves_no_process(launch, tmp_path):
     publish(tmp_path, step=3)
-    service = launch(tmp_path, "--api-servers", "2")
+    service = launch(tmp_path, "--api-servers", "2", "--workers", "2")
+    service.wait_serving(step=3)
+    roles = [dict(labels)["role"] for (name, labels) in service.metrics().samples if name == "process_threads"]
+    assert roles.count("api") == 2 and roles.count("worker") == 2
     assert_drains(service, lambda: service.process.send_signal(signal.SIGTERM))
+
+
+def test_no_process_outlives_a_killed_main_process(launch, tmp_path):
+    publish(tmp_path, step=4)
+    service = launch(tmp_path)
+    processes = [p.pid for p in descendants(service.process.pid)]
+    service.process.kill()
+    service.process.wait(timeout=10)
+    wait_for(lambda: not any(alive(pid) for pid in processes), 10, message="every service process to exit")
 
 
 def assert_drains(service, stop):

@@ -51,7 +51,7 @@ def test_a_published_checkpoint_is_served_within_two_seconds(service):
 def test_hot_reload_under_traffic_fails_nothing_and_running_requests_keep_their_weights(service):
     publish(service.checkpoint_dir, step=10, seed=10)
     service.wait_serving(step=10)
-    long_request = {"prompt": "A long greedy story", "max_new_tokens": 600, "temperature": 0}
+    long_request = {"prompt": "A long greedy story", "max_new_tokens": 900, "temperature": 0}
     expected = service.predict(**long_request)["text"]
 
     stop = threading.Event()
@@ -67,8 +67,9 @@ def test_hot_reload_under_traffic_fails_nothing_and_running_requests_keep_their_
         for i in range(4):
             pool.submit(traffic, i)
         try:
-            long = pool.submit(service.stream, **long_request)
-            wait_for(lambda: service.metrics().get("gpt_num_requests_running") >= 1, 10, message="the long request")
+            long_running = threading.Event()
+            long = pool.submit(service.stream, first=long_running, **long_request)
+            assert long_running.wait(30)
             publish(service.checkpoint_dir, step=11, seed=11)
             reloaded_at = service.wait_serving(step=11)
             events = long.result()

@@ -32,3 +32,10 @@ def test_flags_beat_environment_beat_defaults(monkeypatch):
     monkeypatch.delenv("SERVICE_MAX_BATCH_SIZE")
     assert ServiceSettings().max_batch_size == 16
     assert ServiceSettings().api_key is None
+
+
+def test_settings_that_do_not_fit_the_machine_are_usage_errors(tmp_path, monkeypatch):
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)  # `serve` sets it for its children
+    result = CliRunner().invoke(main, ["serve", "--checkpoint-dir", str(tmp_path), "--device", "cuda:7"])
+    assert result.exit_code == 2
+    assert "cuda:7" in result.output

@@ -1,0 +1,134 @@
+"""What the HTTP service costs and what batching buys, measured side by side in one run.
+
+    python -m bench.bench_serve [--presets mini gpt2] [--input-len 32] [--output-len 128]
+
+For each preset (random weights, fp32, CPU), with the same prompt, sampling and length:
+  1. overhead: one client's decode rate (tokens/s after the first token) through HTTP streaming
+     against the engine called directly in this process, alternated three times, medians compared;
+  2. batching: aggregate output tokens/s of 16 concurrent streaming clients against one client's;
+  3. the load generator's concurrency sweep (1, 4, 16, 32), as `vllm bench serve` reports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from bench.common import print_table, write_result
+from bench.loadgen import PROMPT_TOKEN, run_level
+from model import GPT, Engine, GPTConfig, SamplingParams, Tokenizer, save_checkpoint
+
+SWEEP = (1, 4, 16, 32)
+ROUNDS = 3
+
+
+def engine_decode_rate(model: GPT, prompt: list[int], output_len: int, seed: int) -> float:
+    """Tokens/s after the first token of one request, the engine driven directly."""
+    engine = Engine(model, Tokenizer(), max_batch_size=1)
+    params = SamplingParams(max_new_tokens=output_len, temperature=1.0, top_k=50, seed=seed, stop_at_eot=False)
+    engine.add(prompt, params)
+    first = None
+    tokens = 0
+    while engine.has_work():
+        tokens += len(engine.step())
+        if first is None:
+            first = time.perf_counter()
+    return (tokens - 1) / (time.perf_counter() - first)
+
+
+@contextlib.contextmanager
+def running_service(checkpoint_dir: Path, max_batch_size: int):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [
+        sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(port),
+        "--checkpoint-dir", str(checkpoint_dir), "--device", "cpu", "--dtype", "fp32",
+        "--max-batch-size", str(max_batch_size), "--log-level", "warning",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the service did not become ready (exit code {process.poll()})")
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=120)
+
+
+def bench_preset(preset: str, input_len: int, output_len: int, sweep_requests: int) -> dict:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset(preset)).eval()
+    prompt = Tokenizer().encode(PROMPT_TOKEN * input_len)
+    assert len(prompt) == input_len
+    with tempfile.TemporaryDirectory() as directory:
+        save_checkpoint(Path(directory) / "best_model.pt", model, step=0, val_loss=None)
+        with running_service(Path(directory), max_batch_size=max(SWEEP)) as url:
+
+            def run(concurrency: int, requests: int):
+                return asyncio.run(run_level(url, concurrency, requests, input_len, output_len))
+
+            run(1, 2)  # warm-up: first requests pay lazy initialisation in every process
+            engine_decode_rate(model, prompt, 16, seed=0)
+            direct, http = [], []
+            for round_ in range(ROUNDS):
+                direct.append(engine_decode_rate(model, prompt, output_len, seed=round_))
+                http.append(statistics.median(r.decode_rate for r in run(1, 2)[1]))
+            single = run(1, 4)[0]
+            sixteen = run(16, 32)[0]
+            sweep = [run(c, max(sweep_requests, c))[0] for c in SWEEP]
+    overhead = {
+        "engine_tok_per_s": statistics.median(direct),
+        "http_tok_per_s": statistics.median(http),
+    }
+    overhead["http_vs_engine"] = overhead["http_tok_per_s"] / overhead["engine_tok_per_s"]
+    batching = {
+        "one_client_tok_per_s": single["output_tok_per_s"],
+        "sixteen_clients_tok_per_s": sixteen["output_tok_per_s"],
+    }
+    batching["ratio"] = batching["sixteen_clients_tok_per_s"] / batching["one_client_tok_per_s"]
+    return {"overhead": overhead, "batching": batching, "sweep": sweep}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=["mini", "gpt2"])
+    parser.add_argument("--input-len", type=int, default=32)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--sweep-requests", type=int, default=32, help="requests per sweep level (at least c)")
+    args = parser.parse_args()
+    results = {}
+    for preset in args.presets:
+        print(f"\n== {preset} (pid {os.getpid()}) ==", flush=True)
+        results[preset] = bench_preset(preset, args.input_len, args.output_len, args.sweep_requests)
+        print_table(f"{preset}: one client's decode rate, HTTP against the engine", [results[preset]["overhead"]])
+        print_table(f"{preset}: 16 streaming clients against one", [results[preset]["batching"]])
+        print_table(
+            f"{preset}: concurrency sweep, {args.input_len} prompt / {args.output_len} output tokens",
+            results[preset]["sweep"],
+        )
+    write_result("serve", {"input_len": args.input_len, "output_len": args.output_len, "presets": results})
+
+
+if __name__ == "__main__":
+    main()
