@@ -15,6 +15,7 @@ from service.api import GenerationAPI
 from service.board import Board
 from service.probes import probes
 from service.settings import ServiceSettings
+from service.spec import document_request_bodies
 
 
 class Server(ls.LitServer):
@@ -62,6 +63,7 @@ def build(settings: ServiceSettings) -> Server:
     )
     server.uvicorn_graceful_timeout = settings.drain_timeout
     server.app.include_router(probes(settings, board))
+    document_request_bodies(server.app)
     return server
 
 

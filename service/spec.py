@@ -215,3 +215,36 @@ def _model_headers(accepted: Accepted) -> dict[str, str]:
     if accepted.model.step is not None:
         headers["X-Model-Step"] = str(accepted.model.step)
     return headers
+
+
+REQUEST_BODIES = {"/predict": schemas.PredictRequest, "/v1/completions": schemas.CompletionRequest}
+
+
+def document_request_bodies(app) -> None:
+    """Tell the OpenAPI schema what the generation routes take.
+
+    Their handlers read the body themselves, to answer errors in this service's format, so FastAPI
+    cannot infer it; clients, docs and schema-driven fuzzers need it.
+    """
+    for route in app.routes:
+        model = REQUEST_BODIES.get(getattr(route, "path", None))
+        if model is not None and "POST" in route.methods:
+            content = {"application/json": {"schema": _inline_schema(model)}}
+            route.openapi_extra = {"requestBody": {"required": True, "content": content}}
+
+
+def _inline_schema(model: type[BaseModel]) -> dict:
+    """The model's JSON schema with its `$defs` inlined (OpenAPI resolves refs elsewhere)."""
+    schema = model.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(definitions[node["$ref"].rsplit("/", 1)[-1]])
+            return {key: inline(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inline(item) for item in node]
+        return node
+
+    return inline(schema)

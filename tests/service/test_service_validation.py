@@ -100,3 +100,40 @@ def test_probes_and_scrapes_need_no_key(served):
     assert httpx.get(served.url + "/health").status_code == 200
     assert httpx.get(served.url + "/live").status_code == 200
     assert httpx.get(served.url + "/metrics").status_code == 200
+
+
+def test_unusual_text_is_served_or_refused_cleanly(served):
+    body = {
+        "prompt": "nul \u0000, emoji \U0001f389, accents e\u0301, CJK \u4e2d\u6587",
+        "max_new_tokens": 12,
+        "seed": 4,
+    }
+    assert served.predict(**body)["usage"]["completion_tokens"] == 12
+    with served.client() as client:
+        # A lone surrogate is valid JSON syntax but no text: refused as a bad body, not a server error.
+        response = client.post(
+            "/predict", content=b'{"prompt": "x \\ud800 y"}', headers={"content-type": "application/json"}
+        )
+        assert error_of(response, 422)["code"] == "invalid_json"
+        response = client.post(
+            "/predict",
+            content=b'{"prompt": ' + b"[" * 10_000 + b"]" * 10_000 + b"}",
+            headers={"content-type": "application/json"},
+        )
+        assert error_of(response, 422)["code"] == "invalid_json"
+
+
+def test_openapi_describes_the_request_bodies(served):
+    paths = httpx.get(served.url + "/openapi.json").json()["paths"]
+    predict = paths["/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert predict["required"] == ["prompt"]
+    assert predict["properties"]["top_p"] == {
+        "default": 1.0,
+        "exclusiveMinimum": 0.0,
+        "maximum": 1.0,
+        "title": "Top P",
+        "type": "number",
+    }
+    completions = paths["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert {"model", "prompt", "max_tokens", "top_k", "stream_options"} <= set(completions["properties"])
+    assert "$ref" not in str(completions)
