@@ -1,8 +1,10 @@
 """What the HTTP service costs and what batching buys, measured side by side in one run.
 
     python -m bench.bench_serve [--presets mini gpt2] [--input-len 32] [--output-len 128]
+                                [--omp-wait-policy passive|active] [--stream-interval SECONDS]
 
-For each preset (random weights, fp32, CPU), with the same prompt, sampling and length:
+For each preset (random weights, fp32, CPU), with the same prompt, sampling and length, and the
+same OpenMP wait policy on both sides (the service's default, passive, unless told otherwise):
   1. overhead: one client's decode rate (tokens/s after the first token) through HTTP streaming
      against the engine called directly in this process, alternated three times, medians compared;
   2. batching: aggregate output tokens/s of 16 concurrent streaming clients against one client's;
@@ -50,14 +52,15 @@ def engine_decode_rate(model: GPT, prompt: list[int], output_len: int, seed: int
 
 
 @contextlib.contextmanager
-def running_service(checkpoint_dir: Path, max_batch_size: int):
+def running_service(checkpoint_dir: Path, max_batch_size: int, omp_wait_policy: str, stream_interval: float):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     command = [
         sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(port),
         "--checkpoint-dir", str(checkpoint_dir), "--device", "cpu", "--dtype", "fp32",
-        "--max-batch-size", str(max_batch_size), "--log-level", "warning",
+        "--max-batch-size", str(max_batch_size), "--omp-wait-policy", omp_wait_policy,
+        "--stream-interval", str(stream_interval), "--log-level", "warning",
     ]  # fmt: skip
     process = subprocess.Popen(command, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -76,14 +79,15 @@ def running_service(checkpoint_dir: Path, max_batch_size: int):
         process.wait(timeout=120)
 
 
-def bench_preset(preset: str, input_len: int, output_len: int, sweep_requests: int) -> dict:
+def bench_preset(preset: str, args: argparse.Namespace) -> dict:
+    input_len, output_len = args.input_len, args.output_len
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset(preset)).eval()
     prompt = Tokenizer().encode(PROMPT_TOKEN * input_len)
     assert len(prompt) == input_len
     with tempfile.TemporaryDirectory() as directory:
         save_checkpoint(Path(directory) / "best_model.pt", model, step=0, val_loss=None)
-        with running_service(Path(directory), max_batch_size=max(SWEEP)) as url:
+        with running_service(Path(directory), max(SWEEP), args.omp_wait_policy, args.stream_interval) as url:
 
             def run(concurrency: int, requests: int):
                 return asyncio.run(run_level(url, concurrency, requests, input_len, output_len))
@@ -96,7 +100,7 @@ def bench_preset(preset: str, input_len: int, output_len: int, sweep_requests: i
                 http.append(statistics.median(r.decode_rate for r in run(1, 2)[1]))
             single = run(1, 4)[0]
             sixteen = run(16, 32)[0]
-            sweep = [run(c, max(sweep_requests, c))[0] for c in SWEEP]
+            sweep = [run(c, max(args.sweep_requests, c))[0] for c in SWEEP]
     overhead = {
         "engine_tok_per_s": statistics.median(direct),
         "http_tok_per_s": statistics.median(http),
@@ -116,18 +120,25 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--sweep-requests", type=int, default=32, help="requests per sweep level (at least c)")
+    parser.add_argument("--omp-wait-policy", choices=["passive", "active"], default="passive")
+    parser.add_argument("--stream-interval", type=float, default=0.0, help="the service's --stream-interval")
     args = parser.parse_args()
+    if os.environ.get("OMP_WAIT_POLICY") != args.omp_wait_policy.upper():
+        # OpenMP reads the policy once, when torch loads: start again with it, like the service's workers.
+        environment = {**os.environ, "OMP_WAIT_POLICY": args.omp_wait_policy.upper()}
+        os.execve(sys.executable, [sys.executable, "-m", "bench.bench_serve", *sys.argv[1:]], environment)
     results = {}
     for preset in args.presets:
         print(f"\n== {preset} (pid {os.getpid()}) ==", flush=True)
-        results[preset] = bench_preset(preset, args.input_len, args.output_len, args.sweep_requests)
+        results[preset] = bench_preset(preset, args)
         print_table(f"{preset}: one client's decode rate, HTTP against the engine", [results[preset]["overhead"]])
         print_table(f"{preset}: 16 streaming clients against one", [results[preset]["batching"]])
         print_table(
             f"{preset}: concurrency sweep, {args.input_len} prompt / {args.output_len} output tokens",
             results[preset]["sweep"],
         )
-    write_result("serve", {"input_len": args.input_len, "output_len": args.output_len, "presets": results})
+    settings = {key: getattr(args, key) for key in ("input_len", "output_len", "omp_wait_policy", "stream_interval")}
+    write_result(f"serve_{args.omp_wait_policy}", {**settings, "load_average": os.getloadavg(), "presets": results})
 
 
 if __name__ == "__main__":

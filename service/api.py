@@ -100,15 +100,25 @@ class GenerationAPI(ls.LitAPI):
         yield answer
         if isinstance(answer, Rejected):
             return
+        # Every message costs a trip through LitServe's queues, about as much CPU as a small model's
+        # decode step: tokens produced within stream_interval of the previous message, or while it
+        # was being sent, travel together. The first token and the last are never held back.
+        interval = self.settings.stream_interval
+        sent_at = -math.inf
         while True:
             messages = [await inbox.get()]
+            while not _ends(messages[-1]) and (left := sent_at + interval - loop.time()) > 0:
+                try:
+                    messages.append(await asyncio.wait_for(inbox.get(), left))
+                except TimeoutError:
+                    break
             while not inbox.empty():
                 messages.append(inbox.get_nowait())
-            # Tokens that piled up while LitServe was sending travel as one message.
             for message in merge_chunks(messages):
                 yield message
-                if not isinstance(message, Chunk) or message.finish_reason is not None:
+                if _ends(message):
                     return
+            sent_at = loop.time()
 
     async def encode_response(self, output):
         async for message in output:
@@ -132,3 +142,8 @@ class GenerationAPI(ls.LitAPI):
         controls = self.controls[self.worker_id]
         while True:
             self.scheduler.cancel(controls.get())
+
+
+def _ends(message) -> bool:
+    """Whether `message` is a request's last (a finished chunk, or a failure)."""
+    return not isinstance(message, Chunk) or message.finish_reason is not None

@@ -25,10 +25,8 @@ def serve(**flags) -> None:
     """Serve the newest checkpoint of a folder, reloading it whenever the trainer publishes a new one."""
     settings = build_settings(ServiceSettings, flags)
     metrics_dir = prepare_metrics_dir(settings.metrics_dir)
-    # Inference workers start with this environment. OpenMP threads that spin while they wait for
-    # work make decoding 25x slower as soon as another process (the trainer) wants the same cores;
-    # sleeping ones cost next to nothing on an idle machine.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Read by OpenMP when a spawned inference worker first imports torch.
+    os.environ["OMP_WAIT_POLICY"] = settings.omp_wait_policy.upper()
     try:
         # Imported only now: prometheus_client reads PROMETHEUS_MULTIPROC_DIR when first imported.
         from service.server import build, serve

@@ -43,8 +43,8 @@ class ServiceSettings(BaseSettings):
     )
     dtype: Literal["auto", "bf16", "fp32"] = Field(
         "fp32",
-        description="Weight precision. auto picks bf16 where the device claims native support; on CPUs measure first "
-        "(bf16 decoding was 3x slower than fp32 on the reference Xeon).",
+        description="Weight precision. auto picks bf16 where the device computes it natively; on the reference "
+        "2-core Xeon bf16 decoded no faster than fp32.",
     )
     quantize: Literal["none", "int8", "int4"] = Field(
         "none",
@@ -54,8 +54,21 @@ class ServiceSettings(BaseSettings):
     threads: int | None = Field(
         None, ge=1, description="Torch threads per worker (none: the machine's cores shared out between the workers)."
     )
+    omp_wait_policy: Literal["passive", "active"] = Field(
+        "passive",
+        description="How the workers' OpenMP threads wait for work. passive sleeps: with the trainer on the same "
+        "two cores, spinning threads made decoding 25x slower. active spins: about 2x faster single-stream "
+        "decoding on cores the service has to itself.",
+    )
     max_batch_size: int = Field(
         16, ge=1, le=1024, description="Requests decoded together in one forward pass per worker."
+    )
+    stream_interval: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Seconds a stream's tokens may wait to travel together in one event (0: an event per token; "
+        "the first and last tokens never wait).",
     )
     batch_wait: float = Field(
         0.0, ge=0, le=1, description="Seconds an idle worker waits for more requests before its first prefill."

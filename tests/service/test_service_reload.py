@@ -1,7 +1,8 @@
 """Readiness before the first checkpoint, hot reload under traffic, and refusal of bad checkpoints.
 
 These tests share one service started over an empty checkpoint folder and run in file order: the
-first one needs the folder still empty.
+first one needs the folder still empty. The service groups streamed tokens (--stream-interval), so
+the reload tests also show that grouping changes nothing in the text.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from model import save_checkpoint
 
 @pytest.fixture(scope="module")
 def service(launch, tmp_path_factory):
-    return launch(tmp_path_factory.mktemp("checkpoints"), "--max-batch-size", "8")
+    return launch(tmp_path_factory.mktemp("checkpoints"), "--max-batch-size", "8", "--stream-interval", "0.05")
 
 
 def test_without_a_checkpoint_it_is_live_but_not_ready(service):
@@ -46,6 +47,17 @@ def test_a_published_checkpoint_is_served_within_two_seconds(service):
     assert served_at - published < 2.0
     body = service.predict(prompt="Hello", max_new_tokens=5)
     assert body["model"] == {"step": 1, "val_loss": 4.0, "checkpoint": "best_model.pt"}
+
+
+def test_a_stream_interval_groups_tokens_without_changing_the_text(service):
+    request = {"prompt": "Grouped", "max_new_tokens": 300, "seed": 9}
+    events = service.stream(**request)
+    assert "".join(event["text"] for _, event in events) == service.predict(**request)["text"]
+    assert events[-1][1]["usage"]["completion_tokens"] == 300
+    gaps = [later[0] - earlier[0] for earlier, later in zip(events, events[1:])]
+    # Fewer events than tokens, and no event held back much beyond the interval.
+    assert len(events) < 300 / 2
+    assert max(gaps) < 1.0
 
 
 def test_hot_reload_under_traffic_fails_nothing_and_running_requests_keep_their_weights(service):
