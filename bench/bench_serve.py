@@ -5,8 +5,9 @@
 
 For each preset (random weights, fp32, CPU), with the same prompt, sampling and length, and the
 same OpenMP wait policy on both sides (the service's default, passive, unless told otherwise):
-  1. overhead: one client's decode rate (tokens/s after the first token) through HTTP streaming
-     against the engine called directly in this process, alternated three times, medians compared;
+  1. overhead: one client's decode rate (tokens over the time from request to last token) through
+     HTTP streaming against the engine called directly in this process, alternated three times,
+     medians compared;
   2. batching: aggregate output tokens/s of 16 concurrent streaming clients against one client's;
   3. the load generator's concurrency sweep (1, 4, 16, 32), as `vllm bench serve` reports it.
 """
@@ -38,17 +39,15 @@ ROUNDS = 3
 
 
 def engine_decode_rate(model: GPT, prompt: list[int], output_len: int, seed: int) -> float:
-    """Tokens/s after the first token of one request, the engine driven directly."""
+    """Tokens/s of one request from its arrival to its last token, the engine driven directly."""
     engine = Engine(model, Tokenizer(), max_batch_size=1)
     params = SamplingParams(max_new_tokens=output_len, temperature=1.0, top_k=50, seed=seed, stop_at_eot=False)
+    start = time.perf_counter()
     engine.add(prompt, params)
-    first = None
     tokens = 0
     while engine.has_work():
         tokens += len(engine.step())
-        if first is None:
-            first = time.perf_counter()
-    return (tokens - 1) / (time.perf_counter() - first)
+    return tokens / (time.perf_counter() - start)
 
 
 @contextlib.contextmanager
@@ -97,7 +96,7 @@ def bench_preset(preset: str, args: argparse.Namespace) -> dict:
             direct, http = [], []
             for round_ in range(ROUNDS):
                 direct.append(engine_decode_rate(model, prompt, output_len, seed=round_))
-                http.append(statistics.median(r.decode_rate for r in run(1, 2)[1]))
+                http.append(statistics.median(r.tokens_per_s for r in run(1, 2)[1]))
             single = run(1, 4)[0]
             sixteen = run(16, 32)[0]
             sweep = [run(c, max(args.sweep_requests, c))[0] for c in SWEEP]

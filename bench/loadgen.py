@@ -36,9 +36,13 @@ class RequestResult:
     output_tokens: int = 0
 
     @property
-    def decode_rate(self) -> float:
-        """Tokens per second after the first one: the stream's steady decoding speed."""
-        return (self.output_tokens - 1) / (self.e2e - self.ttft) if self.e2e > self.ttft else 0.0
+    def tokens_per_s(self) -> float:
+        """The rate this client received its tokens at, from sending the request to the last token.
+
+        Not counted from the first event: the service may group tokens, so the first event can carry
+        several.
+        """
+        return self.output_tokens / self.e2e
 
 
 def completion_payload(input_len: int, output_len: int, seed: int, model: str = "gpt") -> dict:

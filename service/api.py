@@ -24,7 +24,7 @@ from service import lifecycle, metrics
 from service.board import Board
 from service.loading import ModelLoader
 from service.logs import configure_logging
-from service.messages import Chunk, GenerationRequest, Rejected, merge_chunks, waiting_for_checkpoint
+from service.messages import Chunk, GenerationRequest, Rejected, merge_chunks
 from service.scheduler import Loaded, Scheduler
 from service.settings import ServiceSettings
 from service.spec import GenerationSpec
@@ -67,7 +67,7 @@ class GenerationAPI(ls.LitAPI):
             self.worker_id,
             max_queued=self.settings.max_queued_requests,
             batch_wait=self.settings.batch_wait,
-            unavailable=waiting_for_checkpoint(self.settings),
+            unavailable=self.settings.waiting_message,
             rebuild=loader.rebuild,
         )
         self.watcher = CheckpointWatcher(

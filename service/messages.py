@@ -77,9 +77,3 @@ def merge_chunks(messages: list) -> list:
         else:
             merged.append(message)
     return merged
-
-
-def waiting_for_checkpoint(settings) -> str:
-    """What readiness and generation answer while no model is loaded."""
-    folder = settings.checkpoint_dir.resolve()
-    return f"waiting for a checkpoint in {folder} ({settings.checkpoint_name} not loaded yet)"

@@ -7,7 +7,6 @@ from fastapi.responses import JSONResponse
 
 from service import metrics
 from service.board import Board, Status
-from service.messages import waiting_for_checkpoint
 from service.settings import ServiceSettings
 
 
@@ -29,7 +28,7 @@ def probes(settings: ServiceSettings, board: Board) -> APIRouter:
         if starting:
             body.update(status="starting", message=f"inference workers {starting} are starting")
         elif any(w.status is Status.WAITING for w in workers):
-            body.update(status="waiting", message=waiting_for_checkpoint(settings))
+            body.update(status="waiting", message=settings.waiting_message)
         return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503)
 
     @router.get("/metrics")

@@ -100,3 +100,8 @@ class ServiceSettings(BaseSettings):
         description="Folder for prometheus_client's multiprocess files; wiped at start (none: a fresh temporary "
         "folder removed at exit).",
     )
+
+    @property
+    def waiting_message(self) -> str:
+        """What readiness and generation answer while no model is loaded yet."""
+        return f"waiting for a checkpoint in {self.checkpoint_dir.resolve()} ({self.checkpoint_name} not loaded yet)"
