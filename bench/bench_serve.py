@@ -1,14 +1,16 @@
 """What the HTTP service costs and what batching buys, measured side by side in one run.
 
     python -m bench.bench_serve [--presets mini gpt2] [--input-len 32] [--output-len 128]
-                                [--omp-wait-policy passive|active] [--stream-interval SECONDS]
+                                [--omp-wait-policy passive|default] [--stream-interval SECONDS]
+                                [--threads N]
 
 For each preset (random weights, fp32, CPU), with the same prompt, sampling and length, and the
 same OpenMP wait policy on both sides (the service's default, passive, unless told otherwise):
   1. overhead: one client's decode rate (tokens over the time from request to last token) through
      HTTP streaming against the engine called directly in this process, alternated three times,
      medians compared;
-  2. batching: aggregate output tokens/s of 16 concurrent streaming clients against one client's;
+  2. batching: aggregate output tokens/s of 16 concurrent streaming clients against one client's,
+     in the same alternated rounds;
   3. the load generator's concurrency sweep (1, 4, 16, 32), as `vllm bench serve` reports it.
 """
 
@@ -33,6 +35,7 @@ import torch
 from bench.common import print_table, write_result
 from bench.loadgen import PROMPT_TOKEN, run_level
 from model import GPT, Engine, GPTConfig, SamplingParams, Tokenizer, save_checkpoint
+from service.settings import ServiceSettings
 
 SWEEP = (1, 4, 16, 32)
 ROUNDS = 3
@@ -51,15 +54,15 @@ def engine_decode_rate(model: GPT, prompt: list[int], output_len: int, seed: int
 
 
 @contextlib.contextmanager
-def running_service(checkpoint_dir: Path, max_batch_size: int, omp_wait_policy: str, stream_interval: float):
+def running_service(checkpoint_dir: Path, max_batch_size: int, args: argparse.Namespace):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     command = [
         sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(port),
         "--checkpoint-dir", str(checkpoint_dir), "--device", "cpu", "--dtype", "fp32",
-        "--max-batch-size", str(max_batch_size), "--omp-wait-policy", omp_wait_policy,
-        "--stream-interval", str(stream_interval), "--log-level", "warning",
+        "--max-batch-size", str(max_batch_size), "--omp-wait-policy", args.omp_wait_policy,
+        "--stream-interval", str(args.stream_interval), "--threads", str(args.threads), "--log-level", "warning",
     ]  # fmt: skip
     process = subprocess.Popen(command, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -86,19 +89,21 @@ def bench_preset(preset: str, args: argparse.Namespace) -> dict:
     assert len(prompt) == input_len
     with tempfile.TemporaryDirectory() as directory:
         save_checkpoint(Path(directory) / "best_model.pt", model, step=0, val_loss=None)
-        with running_service(Path(directory), max(SWEEP), args.omp_wait_policy, args.stream_interval) as url:
+        with running_service(Path(directory), max(SWEEP), args) as url:
 
             def run(concurrency: int, requests: int):
                 return asyncio.run(run_level(url, concurrency, requests, input_len, output_len))
 
             run(1, 2)  # warm-up: first requests pay lazy initialisation in every process
             engine_decode_rate(model, prompt, 16, seed=0)
-            direct, http = [], []
+            # Alternated rounds, medians: a shared machine's noise then hits both sides of each ratio alike.
+            direct, http, single, sixteen = [], [], [], []
             for round_ in range(ROUNDS):
                 direct.append(engine_decode_rate(model, prompt, output_len, seed=round_))
-                http.append(statistics.median(r.tokens_per_s for r in run(1, 2)[1]))
-            single = run(1, 4)[0]
-            sixteen = run(16, 32)[0]
+                one_client, results = run(1, 2)
+                http.append(statistics.median(r.tokens_per_s for r in results))
+                single.append(one_client["output_tok_per_s"])
+                sixteen.append(run(16, 16)[0]["output_tok_per_s"])
             sweep = [run(c, max(args.sweep_requests, c))[0] for c in SWEEP]
     overhead = {
         "engine_tok_per_s": statistics.median(direct),
@@ -106,8 +111,8 @@ def bench_preset(preset: str, args: argparse.Namespace) -> dict:
     }
     overhead["http_vs_engine"] = overhead["http_tok_per_s"] / overhead["engine_tok_per_s"]
     batching = {
-        "one_client_tok_per_s": single["output_tok_per_s"],
-        "sixteen_clients_tok_per_s": sixteen["output_tok_per_s"],
+        "one_client_tok_per_s": statistics.median(single),
+        "sixteen_clients_tok_per_s": statistics.median(sixteen),
     }
     batching["ratio"] = batching["sixteen_clients_tok_per_s"] / batching["one_client_tok_per_s"]
     return {"overhead": overhead, "batching": batching, "sweep": sweep}
@@ -119,13 +124,20 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--sweep-requests", type=int, default=32, help="requests per sweep level (at least c)")
-    parser.add_argument("--omp-wait-policy", choices=["passive", "active"], default="passive")
+    parser.add_argument("--omp-wait-policy", choices=["passive", "default"], default="passive")
     parser.add_argument("--stream-interval", type=float, default=0.0, help="the service's --stream-interval")
+    parser.add_argument(
+        "--threads", type=int, default=ServiceSettings().worker_threads(1), help="torch threads on both sides"
+    )
     args = parser.parse_args()
-    if os.environ.get("OMP_WAIT_POLICY") != args.omp_wait_policy.upper():
-        # OpenMP reads the policy once, when torch loads: start again with it, like the service's workers.
-        environment = {**os.environ, "OMP_WAIT_POLICY": args.omp_wait_policy.upper()}
+    wanted = "PASSIVE" if args.omp_wait_policy == "passive" else None
+    if os.environ.get("OMP_WAIT_POLICY") != wanted:
+        # OpenMP reads the policy once, when torch loads: start again with the service workers' one.
+        environment = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
+        if wanted:
+            environment["OMP_WAIT_POLICY"] = wanted
         os.execve(sys.executable, [sys.executable, "-m", "bench.bench_serve", *sys.argv[1:]], environment)
+    torch.set_num_threads(args.threads)
     results = {}
     for preset in args.presets:
         print(f"\n== {preset} (pid {os.getpid()}) ==", flush=True)
@@ -136,8 +148,12 @@ def main() -> None:
             f"{preset}: concurrency sweep, {args.input_len} prompt / {args.output_len} output tokens",
             results[preset]["sweep"],
         )
-    settings = {key: getattr(args, key) for key in ("input_len", "output_len", "omp_wait_policy", "stream_interval")}
-    write_result(f"serve_{args.omp_wait_policy}", {**settings, "load_average": os.getloadavg(), "presets": results})
+    keys = ("input_len", "output_len", "omp_wait_policy", "stream_interval", "threads")
+    settings = {key: getattr(args, key) for key in keys}
+    write_result(
+        f"serve_{'_'.join(args.presets)}_{args.omp_wait_policy}",
+        {**settings, "load_average": os.getloadavg(), "presets": results},
+    )
 
 
 if __name__ == "__main__":

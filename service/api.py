@@ -50,7 +50,7 @@ class GenerationAPI(ls.LitAPI):
         previous = self.board.claim(self.worker_id)
         if previous:
             self._replace(previous)
-        torch.set_num_threads(self.settings.threads or max(1, (os.cpu_count() or 1) // self.board.num_workers))
+        torch.set_num_threads(self.settings.worker_threads(self.board.num_workers))
 
         # Checkpoints are rebuilt on the meta device, whose weight init imports torch._dynamo on first
         # use (a second or two): pay that now rather than between a checkpoint's publication and its serving.

@@ -26,7 +26,8 @@ def serve(**flags) -> None:
     settings = build_settings(ServiceSettings, flags)
     metrics_dir = prepare_metrics_dir(settings.metrics_dir)
     # Read by OpenMP when a spawned inference worker first imports torch.
-    os.environ["OMP_WAIT_POLICY"] = settings.omp_wait_policy.upper()
+    if settings.omp_wait_policy == "passive":
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     try:
         # Imported only now: prometheus_client reads PROMETHEUS_MULTIPROC_DIR when first imported.
         from service.server import build, serve
