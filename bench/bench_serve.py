@@ -125,7 +125,9 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--sweep-requests", type=int, default=32, help="requests per sweep level (at least c)")
     parser.add_argument("--omp-wait-policy", choices=["passive", "default"], default="passive")
-    parser.add_argument("--stream-interval", type=float, default=0.0, help="the service's --stream-interval")
+    parser.add_argument(
+        "--stream-interval", type=float, default=ServiceSettings().stream_interval, help="the service's setting"
+    )
     parser.add_argument(
         "--threads", type=int, default=ServiceSettings().worker_threads(1), help="torch threads on both sides"
     )

@@ -34,20 +34,12 @@ def launch(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def served(launch, tmp_path_factory) -> Service:
-    """The shared service: step 100 of a tiny model, an API key, small limits that tests can reach."""
+    """The shared service: step 100 of a tiny model, an API key, small limits that tests can reach, and
+    an event per streamed token."""
     checkpoint_dir = tmp_path_factory.mktemp("checkpoints")
     publish(checkpoint_dir, step=100, val_loss=3.25)
-    return launch(
-        checkpoint_dir,
-        "--max-batch-size",
-        "8",
-        "--max-queued-requests",
-        "8",
-        "--max-new-tokens",
-        "1000",
-        "--max-prompt-tokens",
-        "300",
-        "--max-body-bytes",
-        "65536",
-        api_key=API_KEY,
-    )
+    limits = [
+        "--max-batch-size", "8", "--max-queued-requests", "8", "--max-new-tokens", "1000",
+        "--max-prompt-tokens", "300", "--max-body-bytes", "65536",
+    ]  # fmt: skip
+    return launch(checkpoint_dir, *limits, "--stream-interval", "0", api_key=API_KEY)
