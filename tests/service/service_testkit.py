@@ -78,10 +78,9 @@ class Scrape:
 
     def __init__(self, text: str):
         self.text = text
-        self.families = {family.name: family for family in text_string_to_metric_families(text)}
         self.samples = {
             (s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in self.families.values()
+            for family in text_string_to_metric_families(text)
             for s in family.samples
         }
 
@@ -99,8 +98,8 @@ class Service:
     api_key: str | None
     headers: dict = field(default_factory=dict)
 
-    def client(self, **kwargs) -> httpx.Client:
-        return httpx.Client(base_url=self.url, headers=self.headers, timeout=60.0, **kwargs)
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers=self.headers, timeout=60.0)
 
     def predict(self, **body) -> dict:
         with self.client() as client:
@@ -108,13 +107,13 @@ class Service:
         assert response.status_code == 200, response.text
         return response.json()
 
-    def stream(self, path: str = "/predict", first: threading.Event | None = None, **body) -> list[tuple[float, dict]]:
-        """POST a streamed request; return (arrival time, event) pairs, `[DONE]` excluded and checked.
+    def stream(self, first: threading.Event | None = None, **body) -> list[tuple[float, dict]]:
+        """POST a streamed /predict; return (arrival time, event) pairs, `[DONE]` excluded and checked.
 
         `first` is set when the first event arrives, for tests that act while the request runs.
         """
         events = []
-        with self.client() as client, client.stream("POST", path, json={**body, "stream": True}) as response:
+        with self.client() as client, client.stream("POST", "/predict", json={**body, "stream": True}) as response:
             assert response.status_code == 200, response.read()
             assert response.headers["content-type"].startswith("text/event-stream")
             for line in response.iter_lines():
