@@ -31,16 +31,20 @@ def resolve_device(name: str | None = "auto") -> torch.device:
 
 
 def supports_bf16(device: torch.device) -> bool:
-    """Whether bf16 matrix products run natively (not emulated) on `device`."""
+    """Whether bf16 matrix products beat fp32 on `device`.
+
+    On CPUs only AMX tiles make them faster: with AVX512-BF16 alone, the bench measured bf16 matrix
+    products at half the fp32 rate (164 vs 326 GFLOP/s) and bf16 training 30% slower.
+    """
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return torch.cpu._is_amx_tile_supported()
     return False
 
 
 def autocast_dtype(device: torch.device, dtype: str = "auto") -> torch.dtype:
-    """`auto` is bf16 where the device computes it natively and fp32 elsewhere."""
+    """`auto` is bf16 where the device computes it faster than fp32, and fp32 elsewhere."""
     if dtype == "auto":
         return torch.bfloat16 if supports_bf16(device) else torch.float32
     if dtype not in DTYPES:
