@@ -113,4 +113,6 @@ class ServiceSettings(BaseSettings):
 
     def worker_threads(self, workers: int) -> int:
         """Torch threads for each of `workers` inference workers."""
-        return self.threads or max(1, ((os.cpu_count() or 1) - 1) // workers)
+        # The cores this process may run on (a container's cpuset), not the host's.
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return self.threads or max(1, (cores - 1) // workers)
