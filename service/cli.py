@@ -32,11 +32,11 @@ def serve(**flags) -> None:
         # Imported only now: prometheus_client reads PROMETHEUS_MULTIPROC_DIR when first imported.
         from service.server import build, serve
 
-        configure_logging(settings.log_level)
         try:
             server = build(settings)
         except ValueError as e:
             raise click.UsageError(str(e)) from None
+        configure_logging(settings.log_level)
         serve(server, settings)
     finally:
         if settings.metrics_dir is None:

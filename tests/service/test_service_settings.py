@@ -36,9 +36,9 @@ def test_flags_beat_environment_beat_defaults(monkeypatch):
 
 
 def test_settings_that_do_not_fit_the_machine_are_usage_errors(tmp_path, monkeypatch):
-    # `serve` sets these for its children.
-    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    # `serve` sets these for its children: recorded here so that they are restored afterwards.
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     result = CliRunner().invoke(main, ["serve", "--checkpoint-dir", str(tmp_path), "--device", "cuda:7"])
     assert result.exit_code == 2
     assert "cuda:7" in result.output
