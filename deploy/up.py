@@ -1,0 +1,180 @@
+"""`make up`: the docker-compose topology as local processes, for a machine with nothing but Python.
+
+Starts the trainer (built-in corpus, CPU-sized preset, metrics on) and the service over the same
+checkpoint folder, plus Prometheus when its binary is installed; prefixes and forwards their
+output; says when the API serves its first checkpoint. Ctrl-C (or SIGTERM) stops everything
+cleanly: each child gets one SIGINT, time to save or drain, and is killed only if it overstays.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import click
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from model.settings import build_settings, settings_options
+
+ROOT = Path(__file__).resolve().parents[1]
+PR_SET_PDEATHSIG = 1
+
+
+class UpSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="UP_")
+
+    port: int = Field(8000, ge=1024, le=65535, description="Port of the inference API.")
+    trainer_metrics_port: int = Field(9100, ge=1024, le=65535, description="Port of the trainer's Prometheus metrics.")
+    prometheus_port: int = Field(9090, ge=1024, le=65535, description="Port of Prometheus, when it is installed.")
+    prometheus: bool = Field(True, description="Start Prometheus when the `prometheus` binary is on PATH.")
+    checkpoint_dir: Path = Field(Path("checkpoints"), description="Folder the trainer writes and the API serves.")
+    run_dir: Path = Field(Path(".run"), description="Folder for Prometheus' configuration and data.")
+    data: str = Field("builtin:pydoc", description="Training text (see `trainer fit --help`).")
+    preset: str = Field("mini", description="Model shape to train.")
+    steps: int = Field(5000, ge=1, description="Training steps.")
+    eval_interval: int = Field(50, ge=1, description="Steps between evaluations, so a better checkpoint lands often.")
+    grace: float = Field(90.0, gt=0, description="Seconds each process gets to stop after Ctrl-C before it is killed.")
+
+
+def _die_with_parent() -> None:
+    """Children leave with the supervisor even if it is killed outright (Linux)."""
+    os.setsid()
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class Child:
+    def __init__(self, name: str, argv: list[str]):
+        self.name = name
+        self.process = subprocess.Popen(
+            argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+            preexec_fn=_die_with_parent,
+        )
+        self._pump = threading.Thread(target=self._forward, daemon=True)
+        self._pump.start()
+
+    def _forward(self) -> None:
+        for line in self.process.stdout:
+            print(f"[{self.name}] {line.rstrip()}", flush=True)
+
+    def interrupt(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+
+    def stop(self, deadline: float) -> int:
+        try:
+            return self.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            print(f"[up] {self.name} did not stop in time; killing it", flush=True)
+            self.process.kill()
+            return self.process.wait()
+        finally:
+            self._pump.join(timeout=5)
+
+
+def prometheus_config(settings: UpSettings) -> Path:
+    """deploy/prometheus/prometheus.yml with the compose hostnames pointed at local ports."""
+    text = (ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text()
+    text = text.replace('"api:8000"', f'"127.0.0.1:{settings.port}"')
+    text = text.replace('"trainer:9100"', f'"127.0.0.1:{settings.trainer_metrics_port}"')
+    path = settings.run_dir / "prometheus.yml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def start(settings: UpSettings) -> list[Child]:
+    python = sys.executable
+    children = [
+        Child("trainer", [
+            python, "-m", "trainer", "fit", "--data", settings.data, "--preset", settings.preset,
+            "--steps", str(settings.steps), "--out", str(settings.checkpoint_dir), "--resume",
+            "--eval-interval", str(settings.eval_interval), "--checkpoint-interval", str(settings.eval_interval),
+            "--metrics-port", str(settings.trainer_metrics_port),
+        ]),
+        Child("service", [
+            python, "-m", "service", "serve", "--checkpoint-dir", str(settings.checkpoint_dir),
+            "--host", "127.0.0.1", "--port", str(settings.port),
+        ]),
+    ]
+    binary = shutil.which("prometheus")
+    if settings.prometheus and binary:
+        children.append(Child("prometheus", [
+            binary, f"--config.file={prometheus_config(settings)}",
+            f"--storage.tsdb.path={settings.run_dir / 'prometheus'}",
+            f"--web.listen-address=127.0.0.1:{settings.prometheus_port}", "--log.level=warn",
+        ]))
+    return children
+
+
+def banner(settings: UpSettings, children: list[Child]) -> None:
+    names = {c.name for c in children}
+    lines = [
+        f"API          http://127.0.0.1:{settings.port}  (readiness: /health, metrics: /metrics)",
+        f"Trainer      http://127.0.0.1:{settings.trainer_metrics_port}/metrics, checkpoints in {settings.checkpoint_dir}/",
+        f"Prometheus   http://127.0.0.1:{settings.prometheus_port}" if "prometheus" in names
+        else "Prometheus   not installed (apt-get install prometheus), skipped",
+        "Try:",
+        f"  curl -s http://127.0.0.1:{settings.port}/predict -H 'Content-Type: application/json' "
+        "-d '{\"prompt\": \"The meaning of life is\", \"max_new_tokens\": 40}'",
+        "Ctrl-C stops everything.",
+    ]
+    print("\n".join(f"[up] {line}" for line in lines), flush=True)
+
+
+def readiness(port: int) -> dict | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+            return json.loads(response.read())
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+def supervise(settings: UpSettings, children: list[Child], stop: threading.Event) -> int:
+    """Report the first served checkpoint; end when asked to or when a child fails."""
+    served = False
+    while not stop.wait(1.0):
+        for child in children:
+            code = child.process.poll()
+            if code is not None and (code != 0 or child.name != "trainer"):
+                print(f"[up] {child.name} exited with status {code}; stopping the rest", flush=True)
+                return 1
+        if not served and (status := readiness(settings.port)):
+            served = True
+            print(f"[up] the API is serving: {json.dumps(status)}", flush=True)
+    return 0
+
+
+@click.command()
+@settings_options(UpSettings)
+def main(**flags):
+    """Run trainer, service and (if installed) Prometheus locally. Options also read UP_* variables."""
+    settings = build_settings(UpSettings, flags)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    children = start(settings)
+    banner(settings, children)
+    status = supervise(settings, children, stop)
+    print("[up] stopping: the trainer saves last.pt, the service drains", flush=True)
+    for child in children:
+        child.interrupt()
+    deadline = time.monotonic() + settings.grace
+    codes = {child.name: child.stop(deadline) for child in children}
+    print(f"[up] stopped ({', '.join(f'{n}: {c}' for n, c in codes.items())})", flush=True)
+    sys.exit(status or int(any(codes.values())))
+
+
+if __name__ == "__main__":
+    main()
