@@ -43,9 +43,9 @@ class ServiceSettings(BaseSettings):
         "auto", description="Torch device of the workers: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps."
     )
     dtype: Literal["auto", "bf16", "fp32"] = Field(
-        "fp32",
-        description="Weight precision. auto picks bf16 where the device computes it natively; on the reference "
-        "2-core Xeon bf16 decoded no faster than fp32.",
+        "auto",
+        description="Weight precision. auto: bf16 where the device multiplies it faster than fp32 (CUDA, CPUs "
+        "with AMX), fp32 elsewhere.",
     )
     quantize: Literal["none", "int8", "int4"] = Field(
         "none",
