@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from service_testkit import API_KEY, Service, publish, start_service
+from servicekit import API_KEY, Service, publish, start_service
 
 
 @pytest.fixture(scope="session")

@@ -80,13 +80,14 @@ def test_sixteen_concurrent_clients_get_their_own_answers_in_shared_batches(serv
 def test_a_short_request_leaves_the_batch_as_soon_as_it_is_done(served):
     long_running = threading.Event()
     with ThreadPoolExecutor(2) as pool:
-        long = pool.submit(served.stream, prompt="A long story", max_new_tokens=400, seed=1, first=long_running)
+        long = pool.submit(served.stream, prompt="A long story", max_new_tokens=900, seed=1, first=long_running)
         assert long_running.wait(30)
         short = pool.submit(served.stream, prompt="A short one", max_new_tokens=3, seed=2)
         short_events, long_events = short.result(), long.result()
     short_done = short_events[-1][0]
     assert short_events[-1][1]["usage"]["completion_tokens"] == 3
-    assert long_events[-1][1]["usage"]["completion_tokens"] == 400
-    # The short answer was complete while the long one still had most of its tokens to produce.
-    tokens_before_short_done = sum(1 for t, _ in long_events if t <= short_done)
-    assert tokens_before_short_done < 400 / 2, tokens_before_short_done
+    assert long_events[-1][1]["usage"]["completion_tokens"] == 900
+    # The short answer was complete while the long one still had hundreds of tokens to produce (a wide
+    # margin: on a loaded machine the short request's HTTP round trip alone spans many decode steps).
+    tokens_after_short_done = sum(1 for t, _ in long_events if t > short_done)
+    assert tokens_after_short_done > 300, tokens_after_short_done

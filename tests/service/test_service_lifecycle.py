@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from service_testkit import publish, tiny_model, wait_for
+from servicekit import publish, tiny_model, wait_for
 
 from service.proctree import alive, descendants
 

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from service_testkit import wait_for
+from servicekit import wait_for
 
 from model import Tokenizer
 

@@ -6,7 +6,7 @@ import json
 
 import openai
 import pytest
-from service_testkit import API_KEY
+from servicekit import API_KEY
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import torch
-from service_testkit import publish, tiny_model, wait_for
+from servicekit import publish, tiny_model, wait_for
 
 from model import save_checkpoint
 
