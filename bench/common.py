@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# bench/gpu.sh's results, copied in from a lent GPU's run; the report and plots read them from here.
+GPU_RESULTS = RESULTS / "gpu"
 SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
@@ -37,6 +39,9 @@ def machine() -> dict:
 
 
 def git_commit() -> str:
+    # A copy of the tree without its .git (bench/gpu.sh on a lent GPU) is told its commit instead.
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
         dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout.strip()
@@ -51,7 +56,7 @@ def print_table(title: str, rows: list[dict]) -> None:
     if not rows:
         return
     columns = list(rows[0])
-    cells = [[_fmt(row.get(c)) for c in columns] for row in rows]
+    cells = [[format_value(row.get(c)) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
     print("  ".join("-" * w for w in widths))
@@ -59,7 +64,7 @@ def print_table(title: str, rows: list[dict]) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
 
 
-def _fmt(value) -> str:
+def format_value(value) -> str:
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 100 else f"{value:,.0f}"
     return str(value)
@@ -79,3 +84,27 @@ def write_result(name: str, results: dict, results_dir: Path = RESULTS) -> Path:
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"\nwrote {path}")
     return path
+
+
+def read_results(results_dir: Path = RESULTS) -> dict[str, dict]:
+    """The records of the last `make bench` run by benchmark name, and that run's own record as "suite".
+
+    suite.json lists the files the run wrote, so results of other, older runs in the folder stay out."""
+    suite = json.loads((results_dir / "suite.json").read_text())
+    records = {"suite": suite}
+    for step in suite["steps"]:
+        for name in step["results"]:
+            record = json.loads((results_dir / name).read_text())
+            records[record["benchmark"]] = record
+    return records
+
+
+def read_gpu_results(results_dir: Path = RESULTS) -> dict[str, dict]:
+    """bench/gpu.sh's records in `<results_dir>/gpu`, by benchmark name (none until a GPU run is copied in)."""
+    paths = sorted((results_dir / GPU_RESULTS.name).glob("gpu_*.json"))
+    return {path.stem: json.loads(path.read_text()) for path in paths}
+
+
+def serve_record(records: dict[str, dict]) -> dict:
+    """The serving benchmark's record, whose name carries its presets and OpenMP wait policy."""
+    return next(record for name, record in records.items() if name.startswith("serve_"))
