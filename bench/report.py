@@ -1,0 +1,335 @@
+"""The README's benchmark section, written from the last run's JSON results so that no number is typed by hand.
+
+    python -m bench.report [--results-dir bench/results] [--readme README.md]
+
+Replaces the text between `<!-- bench:start -->` and `<!-- bench:end -->` in the README (appending
+both markers at its end when they are missing) with a summary table of every ratio against its goal,
+the plots from bench.plot and the detailed tables; the GPU part comes from bench/results/gpu/ once a
+run of bench/gpu.sh on a lent GPU is copied there. The summary is also printed and written to
+summary.json beside the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from pathlib import Path
+
+from bench.common import RESULTS, format_value, print_table, read_gpu_results, read_results, serve_record, write_result
+
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+# The issues' goals (2: decode, 3: training, 4: serving, 8: GPU), as (test, how the README says it).
+AT_LEAST = {
+    "train_speedup": 3.0,  # trainer tokens/s over the seed-style loop's
+    "decode_speedup": 3.0,  # engine batch-1 tokens/s over transformers' generate
+    "batch_speedup": 5.0,  # engine batch-8 aggregate tokens/s over its batch 1
+    "http_vs_engine": 0.85,  # one client's rate through HTTP within 15% of the engine's
+    "sixteen_clients": 8.0,  # 16 streaming clients' aggregate tokens/s over one client's
+    "gpu_mfu": 0.45,  # gpt2 at 1024 context on one H100
+}
+GPU_SECONDS_TO_TARGET = 90.0  # gpt2 from scratch to training loss < 0.1 on one H100
+
+
+def ratio(value: float) -> str:
+    return f"{value:.2f}×"
+
+
+def tokens(value: float) -> str:
+    return f"{value:,.0f} tokens/s" if value >= 100 else f"{value:.1f} tokens/s"
+
+
+def row(benchmark: str, measured: str, reference: str, result: str, goal: str, met: bool | None) -> dict:
+    """One line of the summary; `met` is None where the issue asks for a figure rather than sets a goal."""
+    return {"benchmark": benchmark, "measured": measured, "reference (same run)": reference, "result": result,
+            "goal": goal, "met": met}  # fmt: skip
+
+
+def cell(value) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "**no**"
+    return format_value(value)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def train_rows(throughput: dict, quality: dict) -> list[dict]:
+    rows = throughput["rows"]
+    reference = rows[0]
+    best = max(rows[1:], key=lambda r: r["tokens/s"])
+    shape = throughput["shape"]
+    name = f"{shape['n_layer']}×{shape['n_head']}×{shape['n_embd']}, batch {shape['batch']}×{shape['seq_len']}"
+    trainer_end, reference_end = quality["trainer_mini"][-1], quality["reference"][-1]
+    gain = reference_end["val_loss"] - trainer_end["val_loss"]
+    return [
+        row(f"Training throughput ({name}, CPU)", f"{best['loop']}: {tokens(best['tokens/s'])}",
+            f"seed-style loop: {tokens(reference['tokens/s'])}", ratio(best["vs reference"]),
+            f"≥ {AT_LEAST['train_speedup']:g}×", best["vs reference"] >= AT_LEAST["train_speedup"]),
+        row("Training MFU (same loop)", f"{best['MFU vs bf16 peak']:.0%} of the measured bf16 matmul rate",
+            f"{best['MFU vs fp32 peak']:.0%} of the fp32 rate", "", "reported", None),
+        row(f"Quality per minute ({quality['minutes']:g} min each, {Path(quality['data']).name})",
+            f"mini preset: val loss {trainer_end['val_loss']:.3f}",
+            f"seed-style loop: {reference_end['val_loss']:.3f}", f"{-gain:+.3f} nats",
+            "below the reference", gain > 0),
+    ]  # fmt: skip
+
+
+def variant(r: dict) -> str:
+    return f"{r['impl']} {r['dtype']}" + ("" if r["quantize"] == "none" else f" {r['quantize']}")
+
+
+def decode_rows(decode: dict) -> list[dict]:
+    rows = decode["rows"]
+    single = [r for r in rows if r["batch"] == 1]
+    reference = max((r for r in single if r["impl"] == "transformers"), key=lambda r: r["tokens_per_s"])
+    same_weights = max(
+        (r for r in single if r["impl"] == "engine" and r["quantize"] == "none"), key=lambda r: r["tokens_per_s"]
+    )
+    quantized = max(
+        (r for r in single if r["impl"] == "engine" and r["quantize"] != "none"), key=lambda r: r["tokens_per_s"]
+    )
+    batched = next(r for r in rows if r["batch"] > 1 and variant(r) == variant(same_weights))
+    versus = f"{variant(reference)} generate: {tokens(reference['tokens_per_s'])}"
+    return [
+        row(f"Single-stream decode ({decode['preset']} shape, CPU)",
+            f"{variant(same_weights)}: {tokens(same_weights['tokens_per_s'])}", versus,
+            ratio(same_weights["vs_transformers_batch1"]), f"≥ {AT_LEAST['decode_speedup']:g}×",
+            same_weights["vs_transformers_batch1"] >= AT_LEAST["decode_speedup"]),
+        row("Single-stream decode, weight-only quantized", f"{variant(quantized)}: {tokens(quantized['tokens_per_s'])}",
+            versus, ratio(quantized["vs_transformers_batch1"]), "reported", None),
+        row(f"Batched decode (batch {batched['batch']})", f"{variant(batched)}: {tokens(batched['tokens_per_s'])}",
+            f"the same at batch 1: {tokens(same_weights['tokens_per_s'])}", ratio(batched["vs_own_batch1"]),
+            f"≥ {AT_LEAST['batch_speedup']:g}×", batched["vs_own_batch1"] >= AT_LEAST["batch_speedup"]),
+    ]  # fmt: skip
+
+
+def serve_rows(serve: dict) -> list[dict]:
+    rows = []
+    for preset, result in serve["presets"].items():
+        overhead, batching = result["overhead"], result["batching"]
+        rows += [
+            row(f"Serving overhead ({preset}, one client)", f"HTTP streaming: {tokens(overhead['http_tok_per_s'])}",
+                f"engine called directly: {tokens(overhead['engine_tok_per_s'])}", ratio(overhead["http_vs_engine"]),
+                f"≥ {AT_LEAST['http_vs_engine']:g}×", overhead["http_vs_engine"] >= AT_LEAST["http_vs_engine"]),
+            row(f"Serving batching ({preset}, 16 clients)", tokens(batching["sixteen_clients_tok_per_s"]),
+                f"one client: {tokens(batching['one_client_tok_per_s'])}", ratio(batching["ratio"]),
+                f"≥ {AT_LEAST['sixteen_clients']:g}×", batching["ratio"] >= AT_LEAST["sixteen_clients"]),
+        ]  # fmt: skip
+    return rows
+
+
+def gpu_rows(gpu: dict[str, dict]) -> list[dict]:
+    rows = []
+    if "gpu_train" in gpu:
+        train = gpu["gpu_train"]
+        run, card = train["run"], train["machine"].get("gpu", train["run"]["device"])
+        mfu = train["mfu"]
+        rows.append(row(f"GPU training ({run['preset']}, {run['seq_len']} context, {card})",
+                        tokens(train["tokens_per_s"]), "the card's dense bf16 peak",
+                        f"{mfu:.0%} MFU" if mfu is not None else "", f"≥ {AT_LEAST['gpu_mfu']:.0%} MFU",
+                        mfu >= AT_LEAST["gpu_mfu"] if mfu is not None else None))  # fmt: skip
+        seconds = train["seconds_to_target"]
+        reached = (
+            f"{seconds:.0f} s"
+            if seconds is not None
+            else (f"not reached in {train['elapsed_s']:.0f} s (lowest {train['lowest_loss']:.3f})")
+        )
+        rows.append(
+            row(
+                f"GPU time to training loss < {train['target_loss']:g} ({run['preset']} from scratch)",
+                reached,
+                "students: about 31 minutes on a T4",
+                "",
+                f"< {GPU_SECONDS_TO_TARGET:g} s",
+                seconds is not None and seconds < GPU_SECONDS_TO_TARGET,
+            )
+        )
+    if "gpu_decode" in gpu:
+        decode = gpu["gpu_decode"]
+        for dtype in dict.fromkeys(r["dtype"] for r in decode["rows"]):
+            same = [r for r in decode["rows"] if r["dtype"] == dtype]
+            first, last = same[0], same[-1]
+            rows.append(row(f"GPU decode ({decode['preset']}, {dtype})",
+                            f"batch {last['batch']}: {tokens(last['tokens_per_s'])}",
+                            f"batch {first['batch']}: {tokens(first['tokens_per_s'])}",
+                            ratio(last["tokens_per_s"] / first["tokens_per_s"]), "reported", None))  # fmt: skip
+    if "gpu_serve" in gpu:
+        best = max(gpu["gpu_serve"]["sweep"], key=lambda r: r["output_tok_per_s"])
+        rows.append(
+            row(
+                f"GPU serving ({gpu['gpu_serve']['preset']}, best of the sweep)",
+                f"{tokens(best['output_tok_per_s'])} at concurrency {best['concurrency']}",
+                "",
+                "",
+                "reported",
+                None,
+            )
+        )
+    return rows
+
+
+SWEEP_COLUMNS = ["concurrency", "req_per_s", "output_tok_per_s"] + [
+    f"{kind}_{p}_ms" for kind in ("ttft", "itl", "e2e") for p in ("p50", "p95", "p99")
+]
+
+
+def image(path: Path, readme: Path, alt: str) -> str:
+    return f"![{alt}]({Path(os.path.relpath(path, readme.parent)).as_posix()})"
+
+
+def machine_line(record: dict) -> str:
+    m = record["machine"]
+    device = m.get("gpu") or f"{m['cpu']} ({m['cores']} cores)"
+    return f"{device}, torch {m['torch']}, commit `{record['commit']}`, {record['date'].replace('T', ' ')}"
+
+
+def gpu_section(gpu: dict[str, dict], results_dir: Path, readme: Path) -> list[str]:
+    lines = ["### On a GPU (`bench/gpu.sh`)", ""]
+    if not gpu:
+        return lines + [
+            (
+                "No GPU run is recorded yet: no session so far has had a GPU lent. With one, run "
+                "`bash bench/gpu.sh prepare` here, then `bash bench/gpu.sh` on the GPU with `.device` carried "
+                "(one call, under 8 minutes), copy the JSON files it leaves in `$OUT` into `bench/results/gpu/` "
+                "and run `python -m bench.plot && python -m bench.report`."
+            ),
+        ]
+    first = next(iter(gpu.values()))
+    lines += [f"Measured on {machine_line(first)}.", ""]
+    if "gpu_train" in gpu:
+        train, run = gpu["gpu_train"], gpu["gpu_train"]["run"]
+        lines += [
+            (
+                f"Training {run['preset']} ({run['parameters'] / 1e6:.0f}M parameters) from scratch on "
+                f"{Path(run['data']).name}: {run['dtype']}, torch.compile {run['compile']}, fused AdamW "
+                f"{run['fused_adamw']}, attention kernel {run['attention_kernel']}, batch {run['batch_size']} × "
+                f"{run['seq_len']}, learning rate {run['lr']:g} (warmup {run['warmup_steps']}, cosine to "
+                f"{run['min_lr']:g} over {run['decay_steps']} steps). The first step, which compiles, took "
+                f"{train['first_step_seconds']:.0f} s; tokens/s leave the first steps out."
+            ),
+            "",
+            image(results_dir / "gpu_train.png", readme, "GPU training loss against wall clock"),
+            "",
+        ]
+    if "gpu_decode" in gpu:
+        decode = gpu["gpu_decode"]
+        lines += [f"**Greedy decode**, {decode['preset']}, {decode['new_tokens']} new tokens", "",
+                  markdown_table(decode["rows"]), ""]  # fmt: skip
+    if "gpu_serve" in gpu:
+        serve = gpu["gpu_serve"]
+        lines += [
+            (
+                f"**Serving sweep**, {serve['preset']} in {serve['dtype']}, {serve['input_len']} prompt tokens, "
+                f"{serve['output_len']} output tokens per request"
+            ),
+            "",
+            markdown_table([{c: r[c] for c in SWEEP_COLUMNS} for r in serve["sweep"]]),
+            "",
+        ]
+    return lines
+
+
+def section(
+    records: dict[str, dict], gpu: dict[str, dict], summary: list[dict], results_dir: Path, readme: Path
+) -> str:
+    suite, serve = records["suite"], serve_record(records)
+    throughput, quality, decode = records["train_throughput"], records["train_quality"], records["decode"]
+    minutes = sum(step["seconds"] for step in suite["steps"]) / 60
+    loads = ", ".join(f"{s['name']} {s['load_average_before'][0]:.1f}" for s in suite["steps"])
+    lengths = "full-length" if all(s["full"] for s in suite["steps"]) else "`make bench`'s quick lengths"
+    lines = [
+        "## Benchmarks",
+        "",
+        (
+            "Written by `python -m bench.report` from `bench/results/*.json` (the last `make bench`): edit the "
+            "scripts in `bench/`, not this section."
+        ),
+        "",
+        (
+            f"Last run on {machine_line(suite)}: {minutes:.1f} minutes at {lengths} "
+            "(`make bench BENCH_ARGS=--full` for the full-length versions). The machine is shared, so each "
+            "benchmark is a ratio against its reference measured side by side in the same run; the one-minute "
+            f"load average as each step began: {loads}."
+        ),
+        "",
+        "### Summary",
+        "",
+        markdown_table(summary),
+        "",
+        "### Training on the CPU",
+        "",
+        image(results_dir / "train_throughput.png", readme, "training throughput"),
+        image(results_dir / "train_quality.png", readme, "validation loss against training time"),
+        "",
+        markdown_table(throughput["rows"]),
+        "",
+        "Matrix-product rate of this CPU (best of the rounds): "
+        + ", ".join(f"{dtype} {rate / 1e9:,.0f} GFLOP/s" for dtype, rate in throughput["peak_flops"].items())
+        + (
+            f". Quality race: the trainer in {quality['trainer_dtype']}"
+            f"{' compiled' if quality['trainer_compiled'] else ''} planned {quality['trainer_plan']['steps']} "
+            f"steps, the reference {quality['reference_plan']['steps']}; each ran until its own clock reached "
+            f"{quality['minutes']:g} minutes or its steps were done."
+        ),
+        "",
+        "### Decoding on the CPU",
+        "",
+        image(results_dir / "decode.png", readme, "decode tokens/s"),
+        "",
+        markdown_table(decode["rows"]),
+        "",
+        "### Serving on the CPU",
+        "",
+        image(results_dir / "serve_sweep.png", readme, "serving throughput and latency against concurrency"),
+        "",
+        (
+            f"{serve['input_len']} prompt tokens, {serve['output_len']} output tokens per request, random "
+            f"weights, fp32, {serve['threads']} decode thread(s), OpenMP wait policy {serve['omp_wait_policy']}."
+        ),
+        "",
+    ]
+    for preset, result in serve["presets"].items():
+        lines += [f"**{preset}**", "", markdown_table([{c: r[c] for c in SWEEP_COLUMNS} for r in result["sweep"]]), ""]
+    lines += gpu_section(gpu, results_dir, readme)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def replace_section(text: str, body: str) -> str:
+    """`text` with the part between the markers replaced by `body`; both markers appended if absent."""
+    block = f"{START}\n{body}{END}"
+    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.DOTALL)
+    if pattern.search(text):
+        return pattern.sub(lambda _: block, text, count=1)
+    return text.rstrip("\n") + "\n\n" + block + "\n"
+
+
+def summary_rows(records: dict[str, dict], gpu: dict[str, dict]) -> list[dict]:
+    return (train_rows(records["train_throughput"], records["train_quality"]) + decode_rows(records["decode"])
+            + serve_rows(serve_record(records)) + gpu_rows(gpu))  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results-dir", type=Path, default=RESULTS)
+    parser.add_argument("--readme", type=Path, default=README)
+    args = parser.parse_args(argv)
+    records, gpu = read_results(args.results_dir), read_gpu_results(args.results_dir)
+    summary = summary_rows(records, gpu)
+    print_table("Benchmark summary", summary)
+    write_result("summary", {"rows": summary}, args.results_dir)
+    text = args.readme.read_text() if args.readme.exists() else ""
+    args.readme.write_text(replace_section(text, section(records, gpu, summary, args.results_dir, args.readme)))
+    print(f"wrote the benchmark section of {args.readme}")
+
+
+if __name__ == "__main__":
+    main()

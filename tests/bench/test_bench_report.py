@@ -1,0 +1,94 @@
+"""bench/report.py writes the README's benchmark section from the results, and only that section."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from bench import report
+from bench.common import read_results
+
+README = """# gpt-service
+
+Intro the team wrote.
+
+<!-- bench:start -->
+numbers typed by hand
+<!-- bench:end -->
+
+## After
+
+Kept as it is.
+"""
+
+
+def section(text: str) -> str:
+    return text.split(report.START, 1)[1].split(report.END, 1)[0]
+
+
+def write_report(results, readme):
+    report.main(["--results-dir", str(results), "--readme", str(readme)])
+    return readme.read_text()
+
+
+def test_the_section_between_the_markers_is_replaced_and_the_rest_kept(results, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    text = write_report(results, readme)
+    before, after = README.split("numbers typed by hand\n")
+    assert text.startswith(before) and text.endswith(after)
+    body = section(text)
+    assert "numbers typed by hand" not in body
+    assert "| benchmark | measured | reference (same run) | result | goal | met |" in body
+    # Figures of the fixture's run: trainer fp32 compiled 2,394 vs the reference 2,117 tokens/s.
+    assert (
+        "| Training throughput (4×4×128, batch 16×128, CPU) | trainer fp32 compiled: 2,394 tokens/s "
+        "| seed-style loop: 2,117 tokens/s | 1.13× | ≥ 3× | **no** |" in body
+    )
+    assert "| Serving overhead (mini, one client) | HTTP streaming: 226 tokens/s" in body
+    assert "0.89× | ≥ 0.85× | yes |" in body
+    assert "![decode tokens/s](bench/results/decode.png)" in body
+    assert "Last run on Intel(R) Xeon(R) Processor (2 cores), torch 2.13.0+cpu, commit `164a303`" in body
+    assert "18.2 minutes" in body  # the steps' seconds in suite.json: 620 + 150 + 320
+    # Written again from the same results, the README does not change.
+    assert write_report(results, readme) == text
+
+
+def test_every_summary_ratio_is_in_summary_json(results, tmp_path):
+    write_report(results, tmp_path / "README.md")
+    summary = json.loads((results / "summary.json").read_text())
+    names = [row["benchmark"] for row in summary["rows"]]
+    assert names[:3] == [
+        "Training throughput (4×4×128, batch 16×128, CPU)",
+        "Training MFU (same loop)",
+        "Quality per minute (10 min each, tinyshakespeare.txt)",
+    ]
+    assert {"Batched decode (batch 8)", "Serving batching (gpt2, 16 clients)"} <= set(names)
+    assert summary["machine"]["cores"] and summary["commit"] and summary["date"]
+
+
+def test_markers_are_appended_when_the_readme_has_none(results, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# gpt-service\n\nNo section yet.\n")
+    text = write_report(results, readme)
+    assert text.startswith("# gpt-service\n\nNo section yet.\n\n" + report.START + "\n## Benchmarks\n")
+    assert text.endswith(report.END + "\n")
+
+
+def test_gpu_results_are_reported_when_present_and_explained_when_not(results, tmp_path):
+    readme = tmp_path / "README.md"
+    body = section(write_report(results, readme))
+    assert "GPU time to training loss <" in body
+    assert "![GPU training loss against wall clock](bench/results/gpu_train.png)" in body
+    assert "No GPU run is recorded yet" not in body
+
+    shutil.rmtree(results / "gpu")
+    body = section(write_report(results, readme))
+    assert "No GPU run is recorded yet" in body
+    assert "GPU time to training loss" not in body
+
+
+def test_only_the_files_of_the_last_suite_are_read(results):
+    records = read_results(results)
+    assert "serve_mini_gpt2_passive" in records
+    assert "serve_mini_active" not in records  # serve_stale.json: in the folder, not in suite.json
