@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -95,7 +95,7 @@ class ServiceSettings(BaseSettings):
     api_key: SecretStr | None = Field(
         None,
         description="When set, generation routes require 'Authorization: Bearer <key>' (prefer the environment "
-        "variable: flags show up in process listings).",
+        "variable: flags show up in process listings). Empty means unset.",
     )
 
     # Operations
@@ -105,6 +105,13 @@ class ServiceSettings(BaseSettings):
         description="Folder for prometheus_client's multiprocess files; wiped at start (none: a fresh temporary "
         "folder removed at exit).",
     )
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_no_key(cls, value):
+        # Compose files pass `SERVICE_API_KEY: ${SERVICE_API_KEY:-}`: an empty key would otherwise admit
+        # exactly the requests that send an empty bearer token, and refuse everyone else.
+        return None if value == "" else value
 
     @property
     def waiting_message(self) -> str:

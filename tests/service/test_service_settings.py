@@ -42,3 +42,10 @@ def test_settings_that_do_not_fit_the_machine_are_usage_errors(tmp_path, monkeyp
     result = CliRunner().invoke(main, ["serve", "--checkpoint-dir", str(tmp_path), "--device", "cuda:7"])
     assert result.exit_code == 2
     assert "cuda:7" in result.output
+
+
+def test_an_empty_api_key_means_no_key(monkeypatch):
+    monkeypatch.setenv("SERVICE_API_KEY", "")
+    assert ServiceSettings().api_key is None
+    monkeypatch.setenv("SERVICE_API_KEY", "k")
+    assert ServiceSettings().api_key.get_secret_value() == "k"
