@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector, start_http_server
 
 from trainer.checkpoints import Progress
 
@@ -31,6 +31,8 @@ class TrainingMetrics:
         )
         for kind in ("best", "last", "final"):
             self.checkpoints.labels(kind=kind)
+        # Memory and CPU of the trainer, beside the service's processes on the dashboard.
+        ProcessCollector(registry=r)
         # NaN, not 0, until known: a dashboard shows a gap rather than a perfect loss.
         for gauge, value in ((self.loss, start.loss), (self.val_loss, start.val_loss),
                              (self.best_val_loss, start.best_loss)):

@@ -1,0 +1,81 @@
+"""The container and compose files, checked by the real tools that will read them."""
+
+import json
+import re
+import subprocess
+
+import yaml
+
+from conftest import ROOT
+
+
+def compose_config(*files: str) -> dict:
+    args = [arg for f in files for arg in ("-f", f)]
+    result = subprocess.run(["docker-compose", *args, "config"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load(result.stdout)
+
+
+def mounts(service: dict) -> dict[str, str]:
+    """target -> source of a service's volumes (docker-compose 1.x prints them as source:target:mode)."""
+    return {v.split(":")[1]: v.split(":")[0] for v in service["volumes"]}
+
+
+def test_compose_file_validates_with_the_four_services_volumes_and_grace_periods():
+    config = compose_config("docker-compose.yml")
+    services = config["services"]
+    assert set(services) == {"api", "trainer", "prometheus", "grafana"}
+    assert set(config["volumes"]) == {"checkpoints", "prometheus-data", "grafana-data"}
+    assert all(s["restart"] == "unless-stopped" for s in services.values())
+    api, trainer = services["api"], services["trainer"]
+    assert api["command"][:2] == ["service", "serve"] and "8000" in api["command"]
+    assert "trainer fit --steps 5000" in " ".join(trainer["command"])
+    assert mounts(api)["/checkpoints"] == mounts(trainer)["/checkpoints"] == "checkpoints"
+    assert api["volumes"][0].endswith(":ro")
+    assert "/health" in " ".join(api["healthcheck"]["test"])
+    # Seconds: the trainer must finish a step and write last.pt; the API drains its requests.
+    assert api["stop_grace_period"] == "45s" and trainer["stop_grace_period"] == "120s"
+    grafana = services["grafana"]["environment"]
+    assert grafana["GF_AUTH_ANONYMOUS_ENABLED"] == "true" and "GF_SECURITY_ADMIN_PASSWORD" in grafana
+
+
+def test_gpu_override_reserves_a_gpu_and_trains_gpt2():
+    config = compose_config("docker-compose.yml", "deploy/docker-compose.gpu.yml")
+    trainer = config["services"]["trainer"]
+    devices = trainer["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert trainer["environment"]["TRAINER_PRESET"] == "gpt2"
+    assert trainer["environment"]["TRAINER_DEVICE"] == "cuda"
+    assert trainer["build"]["args"]["TORCH_INDEX"].endswith("/cu128")
+
+
+def test_prometheus_configs_pass_promtool(up_module, tmp_path):
+    compose = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+    settings = up_module.UpSettings(run_dir=tmp_path, port=18000, trainer_metrics_port=19100)
+    local = up_module.prometheus_config(settings)
+    for path in (compose, local):
+        result = subprocess.run(["promtool", "check", "config", str(path)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+    assert '"127.0.0.1:18000"' in local.read_text() and '"127.0.0.1:19100"' in local.read_text()
+
+
+def test_image_runs_as_non_root_with_a_healthcheck_and_an_offline_tokenizer():
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    users = re.findall(r"^USER\s+(\S+)", dockerfile, flags=re.M)
+    assert users and users[-1] not in ("root", "0")
+    assert re.search(r"^HEALTHCHECK .*\n?.*CMD .*?/health", dockerfile, flags=re.M)
+    assert "tiktoken.get_encoding('r50k_base')" in dockerfile and "TIKTOKEN_CACHE_DIR" in dockerfile
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {"checkpoints", ".venv", ".git", "*.pt"} <= set(ignored)
+
+
+def test_grafana_provisioning_points_at_the_dashboard_and_its_datasource():
+    provisioning = ROOT / "deploy" / "grafana" / "provisioning"
+    datasource = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())["datasources"][0]
+    provider = yaml.safe_load((provisioning / "dashboards" / "gpt-service.yml").read_text())["providers"][0]
+    grafana = mounts(compose_config("docker-compose.yml")["services"]["grafana"])
+    assert grafana[provider["options"]["path"]] == str(ROOT / "deploy" / "grafana" / "dashboards")
+    assert grafana["/etc/grafana/provisioning"] == str(provisioning)
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "dashboards" / "gpt-service.json").read_text())
+    uids = {t["datasource"]["uid"] for p in dashboard["panels"] for t in p.get("targets", [])}
+    assert uids == {datasource["uid"]}
