@@ -1,2 +1,35 @@
 """Shared by every test folder: this file puts tests/ on sys.path, so `servicekit` (the real service as a
-subprocess, tiny checkpoints, scrapes) is importable from tests/service, tests/deploy and tests/reliability."""
+subprocess, tiny checkpoints, scrapes) and `trainerkit` (the real trainer) are importable from tests/service,
+tests/deploy and tests/reliability; its fixtures start services and share a token cache across folders."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from servicekit import Service, start_service
+
+
+@pytest.fixture(scope="session")
+def launch(tmp_path_factory):
+    """Start services that are stopped (SIGTERM, then SIGKILL) at the end of the session."""
+    started: list[Service] = []
+
+    def launch(checkpoint_dir: Path, *args: str, env: dict | None = None, api_key: str | None = None) -> Service:
+        service = start_service(tmp_path_factory.mktemp("service"), checkpoint_dir, *args, env=env, api_key=api_key)
+        started.append(service)
+        return service
+
+    yield launch
+    for service in started:
+        try:
+            service.stop()
+        except subprocess.TimeoutExpired:
+            service.process.kill()
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One token cache for the session, so builtin:pydoc is tokenized once."""
+    return tmp_path_factory.mktemp("token-cache")

@@ -2,34 +2,13 @@
 
 Starting a service costs a few seconds (a spawned worker imports torch), so tests share one
 session-wide service (`served`) wherever they do not disturb each other; files that change what is
-served (reloads, shutdown) start their own.
+served (reloads, shutdown) start their own with `launch` (tests/conftest.py).
 """
 
 from __future__ import annotations
 
-import subprocess
-from pathlib import Path
-
 import pytest
-from servicekit import API_KEY, Service, publish, start_service
-
-
-@pytest.fixture(scope="session")
-def launch(tmp_path_factory):
-    """Start services that are stopped (SIGTERM, then SIGKILL) at the end of the session."""
-    started: list[Service] = []
-
-    def launch(checkpoint_dir: Path, *args: str, env: dict | None = None, api_key: str | None = None) -> Service:
-        service = start_service(tmp_path_factory.mktemp("service"), checkpoint_dir, *args, env=env, api_key=api_key)
-        started.append(service)
-        return service
-
-    yield launch
-    for service in started:
-        try:
-            service.stop()
-        except subprocess.TimeoutExpired:
-            service.process.kill()
+from servicekit import API_KEY, Service, publish
 
 
 @pytest.fixture(scope="session")

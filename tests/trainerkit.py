@@ -1,0 +1,39 @@
+"""Helpers of the trainer tests: the tiny-run flags, and `trainer` as a real process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def tiny_flags(cache_dir: Path, out: Path, *extra: str) -> list[str]:
+    """`trainer fit` flags for a tiny, deterministic CPU run writing to `out`."""
+    return [
+        "--data", "builtin:pydoc", "--cache-dir", str(cache_dir), "--out", str(out),
+        "--preset", "tiny", "--seq-len", "32", "--batch-size", "4", "--eval-iters", "2",
+        "--device", "cpu", "--dtype", "fp32", "--no-compile", "--log-interval", "1", *extra,
+    ]  # fmt: skip
+
+
+def spawn(args: list[str], **popen) -> subprocess.Popen:
+    """`python -m trainer ARGS` as a real process, its output a line-buffered text pipe."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "trainer", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        **popen,
+    )
+
+
+def read_until(process: subprocess.Popen, prefix: str, seen: list[str]) -> str:
+    """Read a process's output line by line (blocking, no polling) until a line starts with `prefix`."""
+    for line in process.stdout:
+        seen.append(line)
+        if line.startswith(prefix):
+            return line
+    raise AssertionError(f"process ended before printing {prefix!r}:\n{''.join(seen)}")
