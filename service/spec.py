@@ -74,16 +74,11 @@ class GenerationSpec(LitSpec):
         headers = _model_headers(accepted)
         if body.stream:
             return _event_stream(self._predict_events(request, call, accepted), headers)
-        try:
-            text = await call.text(request.is_disconnected)
-        except APIError as e:
-            return e.response()
-        except ClientGone:
-            return Response(status_code=CLIENT_CLOSED)
-        finally:
-            self._finish(request, call)
-        usage = schemas.usage(call.prompt_tokens, call.completion_tokens)
-        return JSONResponse(schemas.predict_body(text, call.finish_reason, usage, accepted.model), headers=headers)
+
+        def answer(text: str, finish_reason: str | None, usage: dict) -> dict:
+            return schemas.predict_body(text, finish_reason, usage, accepted.model)
+
+        return await self._whole(request, call, answer, headers)
 
     async def completions(self, request: Request) -> Response:
         try:
@@ -111,6 +106,18 @@ class GenerationSpec(LitSpec):
         if body.streaming:
             events = self._completion_events(request, call, completion, body.include_usage)
             return _event_stream(events, headers)
+        return await self._whole(request, call, completion, headers)
+
+    async def models(self, request: Request) -> Response:
+        try:
+            authorize(request, self.settings.api_key)
+        except APIError as e:
+            return e.response()
+        model = {"id": self.settings.model_name, "object": "model", "created": self.created, "owned_by": "gpt-service"}
+        return JSONResponse({"object": "list", "data": [model]})
+
+    async def _whole(self, request: Request, call: WorkerCall, answer, headers: dict) -> Response:
+        """A non-streamed answer: wait for the whole text, then `answer(text, finish_reason, usage)` as JSON."""
         try:
             text = await call.text(request.is_disconnected)
         except APIError as e:
@@ -120,15 +127,7 @@ class GenerationSpec(LitSpec):
         finally:
             self._finish(request, call)
         usage = schemas.usage(call.prompt_tokens, call.completion_tokens)
-        return JSONResponse(completion(text, call.finish_reason, usage), headers=headers)
-
-    async def models(self, request: Request) -> Response:
-        try:
-            authorize(request, self.settings.api_key)
-        except APIError as e:
-            return e.response()
-        model = {"id": self.settings.model_name, "object": "model", "created": self.created, "owned_by": "gpt-service"}
-        return JSONResponse({"object": "list", "data": [model]})
+        return JSONResponse(answer(text, call.finish_reason, usage), headers=headers)
 
     # Streams
 
