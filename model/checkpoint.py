@@ -6,6 +6,7 @@ A checkpoint is a plain dictionary of tensors, numbers, strings, lists and dicts
 
 from __future__ import annotations
 
+import glob
 import io
 import os
 import tempfile
@@ -59,7 +60,7 @@ def save_checkpoint(path, model: nn.Module, **metadata) -> Path:
 
 def atomic_write(path: Path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -74,6 +75,22 @@ def atomic_write(path: Path, data) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def remove_temporaries(path) -> list[Path]:
+    """Delete the temporary files that writers of `path` killed mid-write left behind; return them.
+
+    Call it only where no other process is writing `path`.
+    """
+    path = Path(path)
+    stale = list(path.parent.glob(f"{glob.escape(_temporary_prefix(path))}*.tmp"))
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
+
+
+def _temporary_prefix(path: Path) -> str:
+    return f".{path.name}."
 
 
 def read_checkpoint(path, map_location="cpu") -> dict:

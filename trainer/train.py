@@ -16,6 +16,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from model import GPT, CheckpointError, GPTConfig, autocast_dtype, load_checkpoint
+from model.checkpoint import remove_temporaries
 from trainer import checkpoints, distributed
 from trainer.checkpoints import BEST, FINAL, LAST, Progress
 from trainer.data import Dataset, prepare
@@ -43,6 +44,8 @@ class Trainer:
         self.dataset = self._load_data()
         self.batch_generator = torch.Generator().manual_seed(s.seed)
 
+        if ctx.is_main:
+            self._remove_partial_checkpoints()
         resume = self._resume_data()
         self.raw_model = resume[0] if resume else initial_model(s, ctx.device)
         config = self.raw_model.config
@@ -82,6 +85,12 @@ class Trainer:
         if not self.ctx.is_main:
             token_file = prepare(s.data, cache)
         return Dataset.load(token_file, s.val_fraction, s.seq_len)
+
+    def _remove_partial_checkpoints(self) -> None:
+        # Each is as large as a checkpoint: a trainer that keeps being killed mid-write would fill the disk.
+        for name in (BEST, LAST, FINAL):
+            for partial in remove_temporaries(self.out / name):
+                print(f"note: removed {partial}, a partial {name} left by a run killed while writing it")
 
     def _resume_data(self):
         path = self.out / LAST
