@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from model.checkpoint import atomic_write
 from trainer.checkpoints import Progress
 from trainer.prometheus import TrainingMetrics
 
@@ -89,14 +90,24 @@ class Reporter:
 
 def _open_jsonl(path: Path, keep_until: int):
     """metrics.jsonl for appending, without records past `keep_until`: a run killed after its last
-    checkpoint logged steps that the resumed run is about to log again."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint logged steps that the resumed run is about to log again.
+
+    A record cut short (the disk filled while it was appended) is dropped too, and the kept records
+    replace the file atomically, so a run killed right here loses none of them.
+    """
     kept = []
     if keep_until and path.exists():
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= keep_until]
-    with path.open("w", encoding="utf-8") as f:
-        f.writelines(line + "\n" for line in kept)
+        steps = ((line, _step(line)) for line in path.read_text().splitlines())
+        kept = [line for line, step in steps if step is not None and step <= keep_until]
+    atomic_write(path, "".join(line + "\n" for line in kept).encode())
     return path.open("a", encoding="utf-8")
+
+
+def _step(line: str) -> int | None:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _line(p: Progress, grad_norm, tokens_per_sec, ms_per_step, mfu, evaluated) -> str:
