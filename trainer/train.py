@@ -170,11 +170,18 @@ class Trainer:
         return distributed.total(loss_sum, ctx).item() / s.eval_iters
 
     def publish(self, name: str, **extra) -> None:
-        if self.ctx.is_main:
+        if not self.ctx.is_main:
+            return
+        path = self.out / name
+        try:
             checkpoints.publish(
-                self.out / name, self.raw_model, self.progress, self.settings.model_dump(mode="json"),
-                self.dataset.digest, **extra,
+                path, self.raw_model, self.progress, self.settings.model_dump(mode="json"), self.dataset.digest,
+                **extra,
             )
+        except OSError as e:  # a full disk, most likely: the atomic write left the previous file as it was
+            raise TrainingError(
+                f"could not write {path} ({e.strerror or e}); the previous {name} is unchanged"
+            ) from None
 
     def run(self) -> Progress:
         s, ctx, p = self.settings, self.ctx, self.progress
