@@ -103,11 +103,11 @@ class WorkerCall:
             try:
                 await asyncio.wait_for(self._event.wait(), CHECK_INTERVAL)
             except TimeoutError:
-                # Before acceptance the worker is unknown and cannot be told to cancel: wait for it.
-                if self.accepted is not None and disconnected is not None and await disconnected():
-                    self.cancel()
-                    raise ClientGone() from None
+                await self._check_client(disconnected)
                 self._check_worker(deadline)
+        # While tokens keep coming the wait above never times out: without this check a client that left
+        # would keep its batch row until its whole answer had been generated.
+        await self._check_client(disconnected)
         data, status = self._messages.popleft()
         if status == LitAPIStatus.ERROR:
             self.done = True
@@ -116,6 +116,12 @@ class WorkerCall:
             self.done = True
             raise WorkerLost("the inference worker ended the request without finishing it")
         return data
+
+    async def _check_client(self, disconnected) -> None:
+        # Before acceptance the worker is unknown and cannot be told to cancel: wait for it.
+        if self.accepted is not None and disconnected is not None and await disconnected():
+            self.cancel()
+            raise ClientGone()
 
     def _check_worker(self, deadline: float | None) -> None:
         if self.accepted is None:
