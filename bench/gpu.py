@@ -1,7 +1,7 @@
 """The GPU benchmarks that bench/gpu.sh runs on a lent GPU (and, with tiny shapes, on the CPU in its dry run).
 
     python -m bench.gpu train   --data FILE [--preset gpt2] [--seq-len 1024] [--batch-size 32] [--dtype bf16]
-                                [--compile] [--target-loss 0.1] [--time-limit 150] [--lr 6e-4] ...
+                                [--compile] [--target-loss 0.1] [--time-limit 180] [--lr 6e-4] ...
     python -m bench.gpu decode  [--preset gpt2] [--batches 1 32] [--new-tokens 128]
     python -m bench.gpu serve   [--preset gpt2] [--dtype bf16] [--concurrency 1 4 16 32] [--requests 16]
     python -m bench.gpu summary
@@ -291,7 +291,7 @@ def main() -> None:
     train.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     train.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     train.add_argument("--target-loss", type=float, default=0.1)
-    train.add_argument("--time-limit", type=float, default=150.0, help="seconds before giving up on the target")
+    train.add_argument("--time-limit", type=float, default=180.0, help="seconds before giving up on the target")
     train.add_argument("--lr", type=float, default=6e-4)
     train.add_argument("--min-lr", type=float, default=6e-5)
     train.add_argument("--warmup-steps", type=int, default=50)

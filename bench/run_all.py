@@ -3,7 +3,7 @@
     python -m bench.run_all [--full] [--only train decode serve]
 
 Each benchmark runs in its own process, one after the other, and measures its reference in the same
-run. The default lengths fit the 2-core machine in under 20 minutes: a 2.5-minute quality race per
+run. The default lengths fit the 2-core machine in under 20 minutes: a 2-minute quality race per
 side instead of 10, 4 interleaved throughput rounds instead of 8, 8 requests per serving level
 (at least the concurrency) instead of 32. --full runs the full-length versions (about 45 minutes). suite.json records what each
 step ran, how long it took, the files it wrote and the load average around it, since a shared machine
@@ -25,7 +25,7 @@ from bench.common import RESULTS, print_table, write_result
 
 # name: (module and flags for the quick run, extra flags of the full-length run)
 STEPS = {
-    "train": (["bench.bench_train", "--minutes", "2.5", "--rounds", "4"], ["--minutes", "10", "--rounds", "8"]),
+    "train": (["bench.bench_train", "--minutes", "2", "--rounds", "4"], ["--minutes", "10", "--rounds", "8"]),
     "decode": (["bench.bench_decode"], []),
     "serve": (["bench.bench_serve", "--sweep-requests", "8"], ["--sweep-requests", "32"]),
 }
