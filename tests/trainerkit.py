@@ -1,4 +1,4 @@
-"""Helpers of the trainer tests: the tiny-run flags, and `trainer` as a real process."""
+"""Helpers of the trainer tests: the tiny-run flags, and `trainer` in-process or as a real process."""
 
 from __future__ import annotations
 
@@ -6,6 +6,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+from click.testing import CliRunner
+
+from trainer.cli import main
 
 
 def tiny_flags(cache_dir: Path, out: Path, *extra: str) -> list[str]:
@@ -15,6 +19,13 @@ def tiny_flags(cache_dir: Path, out: Path, *extra: str) -> list[str]:
         "--preset", "tiny", "--seq-len", "32", "--batch-size", "4", "--eval-iters", "2",
         "--device", "cpu", "--dtype", "fp32", "--no-compile", "--log-interval", "1", *extra,
     ]  # fmt: skip
+
+
+def invoke_fit(cache_dir: Path, out: Path, *extra: str, expect: int = 0):
+    """Run `trainer fit` in-process on the tiny flags, check its exit code, return click's result."""
+    result = CliRunner().invoke(main, ["fit", *tiny_flags(cache_dir, out, *extra)])
+    assert result.exit_code == expect, result.output + repr(result.exception)
+    return result
 
 
 def spawn(args: list[str], **popen) -> subprocess.Popen:

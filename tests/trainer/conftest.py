@@ -8,16 +8,7 @@ from pathlib import Path
 
 import pytest
 import trainerkit
-from click.testing import CliRunner
-from trainerkit import tiny_flags
-
-from trainer.cli import main
-
-
-def invoke_fit(cache_dir: Path, out: Path, *extra: str, expect: int = 0):
-    result = CliRunner().invoke(main, ["fit", *tiny_flags(cache_dir, out, *extra)])
-    assert result.exit_code == expect, result.output + repr(result.exception)
-    return result
+from trainerkit import invoke_fit, tiny_flags
 
 
 @pytest.fixture
