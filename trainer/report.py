@@ -13,6 +13,8 @@ from model.checkpoint import atomic_write
 from trainer.checkpoints import Progress
 from trainer.prometheus import TrainingMetrics
 
+METRICS_FILE = "metrics.jsonl"
+
 
 class Reporter:
     def __init__(self, out: Path, start: Progress, total_steps: int, tokens_per_step: int,
@@ -24,7 +26,7 @@ class Reporter:
         self.bar = None
         if not enabled:
             return
-        self.jsonl = _open_jsonl(out / "metrics.jsonl", start.step)
+        self.jsonl = _open_jsonl(out / METRICS_FILE, start.step)
         if metrics_port is not None:
             self.metrics = TrainingMetrics(metrics_port, start)
             self.say(f"Prometheus metrics on port {self.metrics.port}")

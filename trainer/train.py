@@ -22,7 +22,7 @@ from trainer.checkpoints import BEST, FINAL, LAST, Progress
 from trainer.data import Dataset, prepare
 from trainer.flops import flops_per_token, peak_flops
 from trainer.optimizer import adamw
-from trainer.report import Reporter, duration
+from trainer.report import METRICS_FILE, Reporter, duration
 from trainer.schedule import learning_rate
 from trainer.settings import TrainerSettings
 from trainer.stopping import StopRequest
@@ -45,7 +45,7 @@ class Trainer:
         self.batch_generator = torch.Generator().manual_seed(s.seed)
 
         if ctx.is_main:
-            self._remove_partial_checkpoints()
+            self._remove_partial_files()
         resume = self._resume_data()
         self.raw_model = resume[0] if resume else initial_model(s, ctx.device)
         config = self.raw_model.config
@@ -86,9 +86,10 @@ class Trainer:
             token_file = prepare(s.data, cache)
         return Dataset.load(token_file, s.val_fraction, s.seq_len)
 
-    def _remove_partial_checkpoints(self) -> None:
-        # Each is as large as a checkpoint: a trainer that keeps being killed mid-write would fill the disk.
-        for name in (BEST, LAST, FINAL):
+    def _remove_partial_files(self) -> None:
+        # A partial checkpoint is as large as a checkpoint: a trainer that keeps being killed mid-write
+        # would fill the disk.
+        for name in (BEST, LAST, FINAL, METRICS_FILE):
             for partial in remove_temporaries(self.out / name):
                 print(f"note: removed {partial}, a partial {name} left by a run killed while writing it")
 
