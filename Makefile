@@ -2,7 +2,6 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-BENCH_STAMP := $(VENV)/.bench-installed
 
 # Offline GPT-2 BPE for development checkouts that sit beside a shared cache; elsewhere tiktoken
 # downloads it once as usual.
@@ -10,7 +9,7 @@ ifneq ($(wildcard ../shared/tiktoken),)
 export TIKTOKEN_CACHE_DIR ?= $(abspath ../shared/tiktoken)
 endif
 
-.PHONY: install test bench
+.PHONY: install test up bench soak
 
 install: $(STAMP)
 
@@ -24,11 +23,18 @@ $(STAMP): pyproject.toml
 test: install
 	$(BIN)/python -m pytest
 
-$(BENCH_STAMP): $(STAMP)
-	$(BIN)/pip install --quiet -e '.[test,bench]'
-	touch $(BENCH_STAMP)
-
 # Every benchmark against its reference, then the plots and the README's section: under 20 minutes
 # on the 2-core machine. BENCH_ARGS=--full runs the full-length versions (10-minute training race).
-bench: $(BENCH_STAMP)
+bench: install
 	$(BIN)/python -m bench.run_all $(BENCH_ARGS)
+
+# The whole stack on this machine: trainer, service and (if installed) Prometheus. Ctrl-C stops it.
+up: install
+	$(BIN)/python deploy/up.py
+
+# The reliability suite at full size (see RELIABILITY.md): 1,000 fuzz cases per route, 2,000 requests
+# at concurrency 32, 20 trainer SIGKILLs, 5 worker deaths. It prints its figures and writes them to
+# tests/reliability/soak-report.json. `make test` runs the same tests at a small size.
+soak: install
+	RELIABILITY_SOAK=1 RELIABILITY_REPORT=tests/reliability/soak-report.json \
+		$(BIN)/python -m pytest tests/reliability --timeout 3600

@@ -1,12 +1,8 @@
-"""bench/plot.py draws one PNG per figure from the results (matplotlib comes with `make bench`)."""
+"""bench/plot.py draws one PNG per figure from the results."""
 
 from __future__ import annotations
 
-import pytest
-
-pytest.importorskip("matplotlib")
-
-from bench import plot  # noqa: E402
+from bench import plot
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FIGURES = {"train_quality.png", "train_throughput.png", "decode.png", "serve_sweep.png", "gpu_train.png"}
