@@ -249,13 +249,6 @@ def section(
     loads = ", ".join(f"{s['name']} {s['load_average_before'][0]:.1f}" for s in suite["steps"])
     lengths = "full-length" if all(s["full"] for s in suite["steps"]) else "`make bench`'s quick lengths"
     lines = [
-        "## Benchmarks",
-        "",
-        (
-            "Written by `python -m bench.report` from `bench/results/*.json` (the last `make bench`): edit the "
-            "scripts in `bench/`, not this section."
-        ),
-        "",
         (
             f"Last run on {machine_line(suite)}: {minutes:.1f} minutes at {lengths} "
             "(`make bench BENCH_ARGS=--full` for the full-length versions). The machine is shared, so each "
@@ -306,12 +299,13 @@ def section(
 
 
 def replace_section(text: str, body: str) -> str:
-    """`text` with the part between the markers replaced by `body`; both markers appended if absent."""
+    """`text` with the part between the markers replaced by `body`; without markers, a Performance
+    heading and both markers are appended."""
     block = f"{START}\n{body}{END}"
     pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.DOTALL)
     if pattern.search(text):
         return pattern.sub(lambda _: block, text, count=1)
-    return text.rstrip("\n") + "\n\n" + block + "\n"
+    return text.rstrip("\n") + "\n\n## Performance\n\n" + block + "\n"
 
 
 def summary_rows(records: dict[str, dict], gpu: dict[str, dict]) -> list[dict]:

@@ -71,7 +71,7 @@ def test_markers_are_appended_when_the_readme_has_none(results, tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("# gpt-service\n\nNo section yet.\n")
     text = write_report(results, readme)
-    assert text.startswith("# gpt-service\n\nNo section yet.\n\n" + report.START + "\n## Benchmarks\n")
+    assert text.startswith("# gpt-service\n\nNo section yet.\n\n## Performance\n\n" + report.START + "\nLast run on ")
     assert text.endswith(report.END + "\n")
 
 
