@@ -34,7 +34,7 @@ up: install
 
 # The reliability suite at full size (see RELIABILITY.md): 1,000 fuzz cases per route, 2,000 requests
 # at concurrency 32, 20 trainer SIGKILLs, 5 worker deaths. It prints its figures and writes them to
-# tests/reliability/soak-report.json. `make test` runs the same tests at a small size.
+# tests/reliability/soak-report.json and RELIABILITY.md. `make test` runs the same tests at a small size.
 soak: install
-	RELIABILITY_SOAK=1 RELIABILITY_REPORT=tests/reliability/soak-report.json \
+	RELIABILITY_SOAK=1 RELIABILITY_REPORT=tests/reliability/soak-report.json RELIABILITY_DOC=RELIABILITY.md \
 		$(BIN)/python -m pytest tests/reliability --timeout 3600

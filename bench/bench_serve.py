@@ -18,22 +18,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import torch
 
 from bench.common import print_table, write_result
-from bench.loadgen import PROMPT_TOKEN, run_level
+from bench.loadgen import PROMPT_TOKEN, run_level, running_service
 from model import GPT, Engine, GPTConfig, SamplingParams, Tokenizer, save_checkpoint
 from service.settings import ServiceSettings
 
@@ -53,34 +48,6 @@ def engine_decode_rate(model: GPT, prompt: list[int], output_len: int, seed: int
     return tokens / (time.perf_counter() - start)
 
 
-@contextlib.contextmanager
-def running_service(checkpoint_dir: Path, max_batch_size: int, args: argparse.Namespace):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [
-        sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(port),
-        "--checkpoint-dir", str(checkpoint_dir), "--device", "cpu", "--dtype", "fp32",
-        "--max-batch-size", str(max_batch_size), "--omp-wait-policy", args.omp_wait_policy,
-        "--stream-interval", str(args.stream_interval), "--threads", str(args.threads), "--log-level", "warning",
-    ]  # fmt: skip
-    process = subprocess.Popen(command, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the service did not become ready (exit code {process.poll()})")
-            time.sleep(0.2)
-        yield url
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=120)
-
-
 def bench_preset(preset: str, args: argparse.Namespace) -> dict:
     input_len, output_len = args.input_len, args.output_len
     torch.manual_seed(0)
@@ -89,7 +56,12 @@ def bench_preset(preset: str, args: argparse.Namespace) -> dict:
     assert len(prompt) == input_len
     with tempfile.TemporaryDirectory() as directory:
         save_checkpoint(Path(directory) / "best_model.pt", model, step=0, val_loss=None)
-        with running_service(Path(directory), max(SWEEP), args) as url:
+        flags = [
+            "--device", "cpu", "--dtype", "fp32", "--max-batch-size", str(max(SWEEP)),
+            "--omp-wait-policy", args.omp_wait_policy, "--stream-interval", str(args.stream_interval),
+            "--threads", str(args.threads),
+        ]  # fmt: skip
+        with running_service(Path(directory), flags) as url:
 
             def run(concurrency: int, requests: int):
                 return asyncio.run(run_level(url, concurrency, requests, input_len, output_len))

@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import subprocess
 from pathlib import Path
 
@@ -48,6 +49,17 @@ def git_commit() -> str:
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def replace_between(text: str, start: str, end: str, body: str) -> str | None:
+    """`text` with what lies between the markers `start` and `end` replaced by `body`; None without them.
+
+    Generated sections of the documents (the README's benchmarks, RELIABILITY.md's figures) live
+    between such markers, so that a script rewrites them and nothing else."""
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
+    if not pattern.search(text):
+        return None
+    return pattern.sub(lambda _: f"{start}\n{body}{end}", text, count=1)
 
 
 def print_table(title: str, rows: list[dict]) -> None:

@@ -18,12 +18,9 @@ timing). serve: the load generator's concurrency sweep against the service on th
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -176,52 +173,18 @@ def bench_decode(args: argparse.Namespace) -> None:
     print_table(f"Greedy decode, {args.preset} on {device}, {args.new_tokens} new tokens", rows)
 
 
-@contextlib.contextmanager
-def running_service(checkpoint_dir: Path, args: argparse.Namespace):
-    """The service on `args.device`, ready for requests; stopped (and its workers with it) on exit.
-
-    bench/bench_serve.py has its own launcher, but it pins the service to the CPU in fp32."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [
-        sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(port),
-        "--checkpoint-dir", str(checkpoint_dir), "--device", args.device, "--dtype", args.dtype,
-        "--max-batch-size", str(max(args.concurrency)), "--log-level", "warning",
-    ]  # fmt: skip
-    process = subprocess.Popen(command)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        import httpx
-
-        deadline = time.monotonic() + args.start_timeout
-        while True:
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the service did not become ready (exit code {process.poll()})")
-            time.sleep(0.5)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-
-
 def bench_serve(args: argparse.Namespace) -> None:
     import asyncio
 
-    from bench.loadgen import run_level
+    from bench.loadgen import run_level, running_service
     from model import GPT, GPTConfig, save_checkpoint
 
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset(args.preset))
     with tempfile.TemporaryDirectory() as directory:
         save_checkpoint(Path(directory) / "best_model.pt", model, step=0, val_loss=None)
-        with running_service(Path(directory), args) as url:
+        flags = ["--device", args.device, "--dtype", args.dtype, "--max-batch-size", str(max(args.concurrency))]
+        with running_service(Path(directory), flags, args.start_timeout) as url:
 
             def level(concurrency: int, requests: int) -> dict:
                 return asyncio.run(run_level(url, concurrency, requests, args.input_len, args.output_len))[0]

@@ -13,10 +13,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import signal
+import socket
 import statistics
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 
@@ -24,6 +31,37 @@ from bench.common import print_table
 
 # " hello" is one GPT-2 token, so n of them make a prompt of exactly n tokens.
 PROMPT_TOKEN = " hello"
+
+
+@contextlib.contextmanager
+def running_service(checkpoint_dir: Path, flags: list[str], start_timeout: float = 120.0) -> Iterator[str]:
+    """`service serve` over `checkpoint_dir` with `flags` on a free local port; yields its URL once it is
+    ready, and stops it (its workers with it) on exit."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [
+        sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(port),
+        "--checkpoint-dir", str(checkpoint_dir), "--log-level", "warning", *flags,
+    ]  # fmt: skip
+    process = subprocess.Popen(command, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + start_timeout
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the service did not become ready (exit code {process.poll()})")
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 @dataclass

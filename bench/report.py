@@ -13,10 +13,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from pathlib import Path
 
-from bench.common import RESULTS, format_value, print_table, read_gpu_results, read_results, serve_record, write_result
+from bench.common import (
+    RESULTS,
+    format_value,
+    print_table,
+    read_gpu_results,
+    read_results,
+    replace_between,
+    serve_record,
+    write_result,
+)
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -301,11 +309,10 @@ def section(
 def replace_section(text: str, body: str) -> str:
     """`text` with the part between the markers replaced by `body`; without markers, a Performance
     heading and both markers are appended."""
-    block = f"{START}\n{body}{END}"
-    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.DOTALL)
-    if pattern.search(text):
-        return pattern.sub(lambda _: block, text, count=1)
-    return text.rstrip("\n") + "\n\n## Performance\n\n" + block + "\n"
+    replaced = replace_between(text, START, END, body)
+    if replaced is not None:
+        return replaced
+    return text.rstrip("\n") + f"\n\n## Performance\n\n{START}\n{body}{END}\n"
 
 
 def summary_rows(records: dict[str, dict], gpu: dict[str, dict]) -> list[dict]:

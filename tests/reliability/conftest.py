@@ -1,19 +1,24 @@
 """The reliability suite: the service and the trainer under hostile input, faults and load.
 
 Every test runs at two sizes: small in `make test`, full in `make soak` (RELIABILITY_SOAK=1), which
-also writes the figures the tests record to RELIABILITY_REPORT (JSON) and prints them.
+also writes the figures the tests record to RELIABILITY_REPORT (JSON), prints them, and rewrites the
+figures section of RELIABILITY_DOC (RELIABILITY.md) from them.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
+import time
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-from reliabilitykit import SCALE
+from reliabilitykit import FIGURES_END, FIGURES_START, SCALE, render
 from servicekit import API_KEY, Service, publish
+
+from bench.common import git_commit, machine, replace_between
 
 
 # What the tests measured, by test: written out at the end of the session.
@@ -26,10 +31,27 @@ def figures(request) -> dict:
     return FIGURES.setdefault(request.node.name, {})
 
 
+STARTED = time.monotonic()
+
+
 def pytest_sessionfinish(session):
-    report = os.environ.get("RELIABILITY_REPORT")
-    if report and FIGURES:
-        Path(report).write_text(json.dumps({"scale": asdict(SCALE), "figures": FIGURES}, indent=2) + "\n")
+    report_path = os.environ.get("RELIABILITY_REPORT")
+    if not (report_path and FIGURES):
+        return
+    run = {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": git_commit(),
+        **{key: machine()[key] for key in ("cpu", "cores")},
+        "minutes": round((time.monotonic() - STARTED) / 60, 1),
+        "passed": session.testsfailed == 0,
+    }
+    report = {"run": run, "scale": asdict(SCALE), "figures": FIGURES}
+    Path(report_path).write_text(json.dumps(report, indent=2) + "\n")
+    doc = os.environ.get("RELIABILITY_DOC")
+    if doc:
+        text = replace_between(Path(doc).read_text(), FIGURES_START, FIGURES_END, render(report))
+        assert text is not None, f"{doc} lacks the markers {FIGURES_START} and {FIGURES_END}"
+        Path(doc).write_text(text)
 
 
 def pytest_terminal_summary(terminalreporter):

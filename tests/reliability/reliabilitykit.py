@@ -30,3 +30,57 @@ def wait_idle(service: Service, timeout: float = 30.0) -> Scrape:
         return running == 0 and scrape
 
     return wait_for(idle, timeout, message="every request to leave the workers")
+
+
+# RELIABILITY.md's figures, rewritten by `make soak` from the report it writes.
+FIGURES_START, FIGURES_END = "<!-- soak:start -->", "<!-- soak:end -->"
+
+
+def _counts(counts: dict) -> str:
+    return ", ".join(f"{key} ×{value}" for key, value in counts.items())
+
+
+def _describe(test: str, f: dict) -> str:
+    """One test's figures as a sentence; a test without its own wording gets its figures listed."""
+    if test.startswith("test_any_body"):
+        return f"{f['cases']} bodies; answers by status: {_counts(f['statuses'])}"
+    if test.startswith("test_soak"):
+        processes = f["processes"].values()
+        drifts = [p["rss_drift_percent"] for p in processes]
+        threads = ", ".join(f"{p['role']} {p['threads'][0]}→{p['threads'][1]}" for p in processes)
+        fds = ", ".join(f"{p['role']} {p['fds'][0]}→{p['fds'][1]}" for p in processes)
+        per_stream = f["tokens_generated_for_nobody"] / max(f["abandoned_streams_cancelled"], 1)
+        return (
+            f"{f['requests']} requests at concurrency {f['concurrency']} (seed {f['seed']}): {_counts(f['outcomes'])}; "
+            f"{f['unexpected_errors']} unexpected errors; resident memory after warm-up {min(drifts):+.1f}% to "
+            f"{max(drifts):+.1f}% over {len(drifts)} processes; threads (before→after) {threads}; open files {fds}; "
+            f"{f['abandoned_streams_cancelled']} abandoned streams cancelled, {f['tokens_generated_for_nobody']} tokens "
+            f"generated after their clients left ({per_stream:.1f} per stream)"
+        )
+    if test.startswith("test_a_client_that_leaves"):
+        return f"{f['tokens_generated']} tokens generated, {f['tokens_taken']} taken before the client left"
+    if test.startswith("test_sigkill"):
+        return (
+            f"{f['kills_survived']} SIGKILLs survived (seed {f['seed']}; {_counts(f['kills_by_moment'])}), "
+            f"then resumed to step {f['final_step']} with every step logged once"
+        )
+    if test.startswith("test_dead_workers"):
+        return (
+            f"{f['worker_deaths']} worker deaths ({', '.join(f['signals'])}), each replaced; requests arriving "
+            f"while no worker served, by status: {_counts(f['requests_arriving_during_outage'])}"
+        )
+    return "; ".join(f"{key} {value}" for key, value in f.items())
+
+
+def render(report: dict) -> str:
+    """RELIABILITY.md's figures section for a soak report."""
+    run = report["run"]
+    lines = [
+        f"Last `make soak`: {run['date']}, commit `{run['commit']}`, {run['cpu']} ({run['cores']} cores), "
+        f"{run['minutes']:.1f} minutes.",
+        "",
+        "| test | figures |",
+        "|---|---|",
+        *(f"| `{test}` | {_describe(test, f)} |" for test, f in report["figures"].items()),
+    ]
+    return "\n".join(lines) + "\n"
