@@ -1,8 +1,13 @@
-"""bench/gpu.py's race to a training loss, on a fake clock: when it stops and what it reports."""
+"""bench/gpu.py: its race to a training loss on a fake clock (when it stops and what it reports), and
+every section run for real on the CPU at tiny shapes, so that a lent GPU's one call finds them working."""
 
 from __future__ import annotations
 
 import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -62,3 +67,33 @@ def test_short_runs_measure_their_second_half_and_long_curves_are_thinned():
     points = race_summary(curve, 0.1, 1, 10)["curve"]
     assert len(points) <= CURVE_POINTS + 1
     assert points[0]["elapsed"] == curve[0][0] and points[-1]["elapsed"] == curve[-1][0]
+
+
+SECTIONS = {
+    "train": ["--preset", "tiny", "--seq-len", "32", "--batch-size", "4", "--dtype", "fp32", "--no-compile",
+              "--lr", "1e-2", "--warmup-steps", "2", "--decay-steps", "100", "--target-loss", "9.5",
+              "--time-limit", "30", "--skip-steps", "1", "--data", "builtin:pydoc"],
+    "decode": ["--preset", "tiny", "--batches", "1", "4", "--new-tokens", "8"],
+    "serve": ["--preset", "tiny", "--dtype", "fp32", "--concurrency", "1", "2", "--requests", "2", "--output-len", "8"],
+}  # fmt: skip
+
+
+def test_every_section_runs_on_the_cpu_and_writes_its_result(tmp_path):
+    root = Path(__file__).resolve().parents[2]
+    for section, flags in SECTIONS.items():
+        command = [sys.executable, "-m", "bench.gpu", section, "--device", "cpu", "--results-dir", str(tmp_path), *flags]
+        done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    train = json.loads((tmp_path / "gpu_train.json").read_text())
+    assert train["reached"] and train["final_loss"] < 9.5 and train["tokens_per_s"] > 0
+    assert train["run"]["device"] == "cpu" and train["run"]["attention_kernel"] != "unknown"
+    decode = json.loads((tmp_path / "gpu_decode.json").read_text())
+    assert [(row["dtype"], row["batch"]) for row in decode["rows"]] == [("fp32", 1), ("fp32", 4), ("bf16", 1), ("bf16", 4)]
+    assert all(row["tokens_per_s"] > 0 for row in decode["rows"])
+    serve = json.loads((tmp_path / "gpu_serve.json").read_text())
+    assert [level["concurrency"] for level in serve["sweep"]] == [1, 2]
+    assert all(level["output_tok_per_s"] > 0 for level in serve["sweep"])
+    summary = subprocess.run([sys.executable, "-m", "bench.gpu", "summary", "--results-dir", str(tmp_path)],
+                             cwd=root, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert summary.returncode == 0 and "tokens/s" in summary.stdout, summary.stdout + summary.stderr
