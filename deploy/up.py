@@ -8,7 +8,7 @@ cleanly: each child gets one SIGINT, time to save or drain, and is killed only i
 
 from __future__ import annotations
 
-import ctypes
+import functools
 import json
 import os
 import shutil
@@ -26,9 +26,9 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.settings import build_settings, settings_options
+from service.lifecycle import own_session_ending_with
 
 ROOT = Path(__file__).resolve().parents[1]
-PR_SET_PDEATHSIG = 1
 
 
 class UpSettings(BaseSettings):
@@ -47,19 +47,12 @@ class UpSettings(BaseSettings):
     grace: float = Field(90.0, gt=0, description="Seconds each process gets to stop after Ctrl-C before it is killed.")
 
 
-def _die_with_parent() -> None:
-    """Children leave with the supervisor even if it is killed outright (Linux)."""
-    os.setsid()
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 class Child:
     def __init__(self, name: str, argv: list[str]):
         self.name = name
         self.process = subprocess.Popen(
             argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-            preexec_fn=_die_with_parent,
+            preexec_fn=functools.partial(own_session_ending_with, os.getpid()),
         )
         self._pump = threading.Thread(target=self._forward, daemon=True)
         self._pump.start()

@@ -10,18 +10,25 @@ import sys
 PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent(parent_pid: int) -> None:
-    """Have the kernel SIGKILL this process when its parent dies, even by SIGKILL.
+def die_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> None:
+    """Have the kernel send `sig` to this process when its parent dies, even by SIGKILL.
 
     Without it LitServe's workers and HTTP servers outlive a killed main process and keep serving.
     """
     if not sys.platform.startswith("linux"):
         return
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+    if libc.prctl(PR_SET_PDEATHSIG, sig) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     if os.getppid() != parent_pid:  # the parent died before the request took effect
         os._exit(1)
+
+
+def own_session_ending_with(parent_pid: int) -> None:
+    """For a supervisor's child (a `preexec_fn`): a session of its own, so that Ctrl-C reaches it only
+    through the supervisor, and a graceful SIGTERM if the supervisor is killed outright."""
+    os.setsid()
+    die_with_parent(parent_pid, signal.SIGTERM)
 
 
 def forked_child(parent_pid: int) -> None:
