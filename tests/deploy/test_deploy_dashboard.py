@@ -6,13 +6,13 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 from servicekit import free_port, publish, start_service, wait_for
 
-from conftest import ROOT
-
+ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "gpt-service.json"
 # Grafana's own variables, as Grafana would substitute them for a 1 s scrape interval.
 GRAFANA_VARIABLES = {"$__rate_interval": "15s", "$__interval": "1s"}

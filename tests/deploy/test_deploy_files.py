@@ -3,10 +3,11 @@
 import json
 import re
 import subprocess
+from pathlib import Path
 
 import yaml
 
-from conftest import ROOT
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def compose_config(*files: str) -> dict:

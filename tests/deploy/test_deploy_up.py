@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 from servicekit import free_port, wait_for
 
-from conftest import ROOT
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def processes_mentioning(marker: str) -> list[int]:
