@@ -1,10 +1,13 @@
 """Shared by every test folder: this file puts tests/ on sys.path, so `servicekit` (the real service as a
 subprocess, tiny checkpoints, scrapes) and `trainerkit` (the real trainer) are importable from tests/service,
-tests/deploy and tests/reliability; its fixtures start services and share a token cache across folders."""
+tests/deploy and tests/reliability; its fixtures start services, share a token cache across folders and
+load deploy/up.py."""
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,3 +36,13 @@ def launch(tmp_path_factory):
 def cache_dir(tmp_path_factory) -> Path:
     """One token cache for the session, so builtin:pydoc is tokenized once."""
     return tmp_path_factory.mktemp("token-cache")
+
+
+@pytest.fixture(scope="session")
+def up_module():
+    """deploy/up.py, the `make up` supervisor (a script, not a package)."""
+    spec = importlib.util.spec_from_file_location("deploy_up", Path(__file__).resolve().parents[1] / "deploy" / "up.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["deploy_up"] = module
+    spec.loader.exec_module(module)
+    return module

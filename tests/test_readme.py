@@ -1,6 +1,5 @@
 """The README's promises that a test can hold it to: its commands and its configuration reference."""
 
-import importlib.util
 from pathlib import Path
 
 from model.settings import env_name, flag_name
@@ -11,13 +10,6 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 
-def _up_settings():
-    spec = importlib.util.spec_from_file_location("deploy_up", ROOT / "deploy" / "up.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.UpSettings
-
-
 def test_quickstart_commands_are_the_makefile_targets_ci_runs():
     assert "make up" in README.split("\n## ")[0] and "make test" in README.split("\n## ")[0]
     makefile = (ROOT / "Makefile").read_text()
@@ -25,8 +17,8 @@ def test_quickstart_commands_are_the_makefile_targets_ci_runs():
     assert "make test" in (ROOT / ".ci" / "run").read_text()
 
 
-def test_every_setting_is_in_the_configuration_reference():
-    for settings in (TrainerSettings, ServiceSettings, _up_settings()):
+def test_every_setting_is_in_the_configuration_reference(up_module):
+    for settings in (TrainerSettings, ServiceSettings, up_module.UpSettings):
         for name, field in settings.model_fields.items():
             assert f"`{env_name(settings, name)}`" in README, name
             assert flag_name(name) in README, name
