@@ -38,10 +38,12 @@ def pytest_sessionfinish(session):
     report_path = os.environ.get("RELIABILITY_REPORT")
     if not (report_path and FIGURES):
         return
+    host = machine()
     run = {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": git_commit(),
-        **{key: machine()[key] for key in ("cpu", "cores")},
+        "cpu": host["cpu"],
+        "cores": host["cores"],
         "minutes": round((time.monotonic() - STARTED) / 60, 1),
         "passed": session.testsfailed == 0,
     }

@@ -1,4 +1,5 @@
-"""Helpers of the reliability tests: how big each run is, and waiting for the workers to fall idle."""
+"""Helpers of the reliability tests: how big each run is, waiting for the workers to fall idle, and the
+figures section of RELIABILITY.md written from a soak report."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import os
 from dataclasses import dataclass
 
 from servicekit import Scrape, Service, wait_for
+
+from bench.report import markdown_table
 
 
 @dataclass(frozen=True)
@@ -54,8 +57,8 @@ def _describe(test: str, f: dict) -> str:
             f"{f['requests']} requests at concurrency {f['concurrency']} (seed {f['seed']}): {_counts(f['outcomes'])}; "
             f"{f['unexpected_errors']} unexpected errors; resident memory after warm-up {min(drifts):+.1f}% to "
             f"{max(drifts):+.1f}% over {len(drifts)} processes; threads (before→after) {threads}; open files {fds}; "
-            f"{f['abandoned_streams_cancelled']} abandoned streams cancelled, {f['tokens_generated_for_nobody']} tokens "
-            f"generated after their clients left ({per_stream:.1f} per stream)"
+            f"{f['abandoned_streams_cancelled']} abandoned streams cancelled, "
+            f"{f['tokens_generated_for_nobody']} tokens generated after their clients left ({per_stream:.1f} per stream)"
         )
     if test.startswith("test_a_client_that_leaves"):
         return f"{f['tokens_generated']} tokens generated, {f['tokens_taken']} taken before the client left"
@@ -79,8 +82,6 @@ def render(report: dict) -> str:
         f"Last `make soak`: {run['date']}, commit `{run['commit']}`, {run['cpu']} ({run['cores']} cores), "
         f"{run['minutes']:.1f} minutes.",
         "",
-        "| test | figures |",
-        "|---|---|",
-        *(f"| `{test}` | {_describe(test, f)} |" for test, f in report["figures"].items()),
+        markdown_table([{"test": f"`{name}`", "figures": _describe(name, f)} for name, f in report["figures"].items()]),
     ]
     return "\n".join(lines) + "\n"
