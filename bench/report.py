@@ -192,6 +192,11 @@ SWEEP_COLUMNS = ["concurrency", "req_per_s", "output_tok_per_s"] + [
 ]
 
 
+def sweep_table(sweep: list[dict]) -> str:
+    """A serving sweep as a markdown table, one row per concurrency level."""
+    return markdown_table([{c: r[c] for c in SWEEP_COLUMNS} for r in sweep])
+
+
 def image(path: Path, readme: Path, alt: str) -> str:
     return f"![{alt}]({Path(os.path.relpath(path, readme.parent)).as_posix()})"
 
@@ -242,7 +247,7 @@ def gpu_section(gpu: dict[str, dict], results_dir: Path, readme: Path) -> list[s
                 f"{serve['output_len']} output tokens per request"
             ),
             "",
-            markdown_table([{c: r[c] for c in SWEEP_COLUMNS} for r in serve["sweep"]]),
+            sweep_table(serve["sweep"]),
             "",
         ]
     return lines
@@ -301,7 +306,7 @@ def section(
         "",
     ]
     for preset, result in serve["presets"].items():
-        lines += [f"**{preset}**", "", markdown_table([{c: r[c] for c in SWEEP_COLUMNS} for r in result["sweep"]]), ""]
+        lines += [f"**{preset}**", "", sweep_table(result["sweep"]), ""]
     lines += gpu_section(gpu, results_dir, readme)
     return "\n".join(lines).rstrip() + "\n"
 
