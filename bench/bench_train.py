@@ -181,5 +181,6 @@ def main() -> None:
                 f"(trainer: {fastest['loop']})", table)
     write_result("train_quality", {"data": args.data, "minutes": args.minutes, **curves})
 
+
 if __name__ == "__main__":
     main()
