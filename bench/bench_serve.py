@@ -97,11 +97,12 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--sweep-requests", type=int, default=32, help="requests per sweep level (at least c)")
     parser.add_argument("--omp-wait-policy", choices=["passive", "default"], default="passive")
+    service_defaults = ServiceSettings()
     parser.add_argument(
-        "--stream-interval", type=float, default=ServiceSettings().stream_interval, help="the service's setting"
+        "--stream-interval", type=float, default=service_defaults.stream_interval, help="the service's setting"
     )
     parser.add_argument(
-        "--threads", type=int, default=ServiceSettings().worker_threads(1), help="torch threads on both sides"
+        "--threads", type=int, default=service_defaults.worker_threads(1), help="torch threads on both sides"
     )
     args = parser.parse_args()
     wanted = "PASSIVE" if args.omp_wait_policy == "passive" else None
