@@ -21,7 +21,7 @@ class Scale:
 
 
 SOAK = os.environ.get("RELIABILITY_SOAK") == "1"
-SCALE = Scale(1000, 2000, 32, 20, 5) if SOAK else Scale(40, 80, 16, 3, 1)
+SCALE = Scale(1000, 2000, 32, 20, 5) if SOAK else Scale(40, 120, 16, 3, 1)
 
 
 def wait_idle(service: Service, timeout: float = 30.0) -> Scrape:
