@@ -191,6 +191,9 @@ class Trainer:
             with StopRequest() as stop:
                 self._describe(reporter)
                 self._loop(reporter, stop)
+            # Rank 0 may still be writing the final checkpoints; a gloo process that exits while a
+            # peer is alive can abort (SIGABRT) at exit, failing the whole torchrun job.
+            distributed.barrier(ctx)
         finally:
             reporter.close()
         return p
