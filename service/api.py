@@ -60,9 +60,11 @@ class GenerationAPI(ls.LitAPI):
             torch_device,
             autocast_dtype(torch_device, self.settings.dtype),
             self.settings.quantize,
+            self.settings.pack_weights,
             Tokenizer(),
             self.settings.max_batch_size,
         )
+        log.info("worker %d serves %s on %s", self.worker_id, loader.weights, torch_device)
         self.scheduler = Scheduler(
             self.worker_id,
             max_queued=self.settings.max_queued_requests,

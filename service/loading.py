@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from model import GPT, CheckpointError, Engine, Tokenizer, load_checkpoint
+from model import packing
 from model.quantize import quantize
 from service.messages import ModelInfo
 from service.scheduler import Loaded
@@ -14,14 +15,28 @@ from service.scheduler import Loaded
 
 class ModelLoader:
     def __init__(
-        self, device: torch.device, dtype: torch.dtype, quantization: str, tokenizer: Tokenizer, max_batch_size: int
+        self,
+        device: torch.device,
+        dtype: torch.dtype,
+        quantization: str,
+        pack_weights: bool,
+        tokenizer: Tokenizer,
+        max_batch_size: int,
     ):
         self.device = device
         self.dtype = dtype
         self.quantization = quantization
+        # Quantized layers have packed formats of their own; GPUs have no use for oneDNN's.
+        self.pack = pack_weights and quantization == "none" and device.type == "cpu" and packing.available()
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.shape: dict | None = None
+
+    @property
+    def weights(self) -> str:
+        """How the served weights are held, for the log."""
+        layout = "packed for oneDNN" if self.pack else {"none": "plain"}.get(self.quantization, self.quantization)
+        return f"{str(self.dtype).removeprefix('torch.')} weights, {layout}"
 
     def checkpoint(self, path: Path) -> Loaded:
         """The checkpoint at `path`; CheckpointError (naming the file) if it cannot be served.
@@ -65,6 +80,8 @@ class ModelLoader:
                 f"{self.tokenizer.vocab_size} of tokenizer {self.tokenizer.name}"
             )
         model = quantize(model.to(self.dtype).eval(), self.quantization)
+        if self.pack:
+            model = packing.pack(model)
         return Loaded(Engine(model, self.tokenizer, self.max_batch_size), info)
 
 

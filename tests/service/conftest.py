@@ -13,8 +13,8 @@ from servicekit import API_KEY, Service, publish
 
 @pytest.fixture(scope="session")
 def served(launch, tmp_path_factory) -> Service:
-    """The shared service: step 100 of a tiny model, an API key, small limits that tests can reach, and
-    an event per streamed token."""
+    """The shared service: step 100 of a tiny model (its weights packed, the CPU default), an API key,
+    small limits that tests can reach, and an event per streamed token."""
     checkpoint_dir = tmp_path_factory.mktemp("checkpoints")
     publish(checkpoint_dir, step=100, val_loss=3.25)
     limits = [

@@ -6,6 +6,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from model import Tokenizer
+from servicekit import API_KEY, publish
 
 
 def test_predict_answers_text_usage_and_the_model_that_produced_it(served):
@@ -20,6 +21,19 @@ def test_predict_answers_text_usage_and_the_model_that_produced_it(served):
     assert body["text"]
     assert response.headers["x-model-step"] == "100"
     assert len(response.headers["x-request-id"]) == 32
+
+
+def test_weights_packed_for_the_cpu_answer_what_plain_weights_answer(served, launch, tmp_path):
+    publish(tmp_path, step=100, val_loss=3.25)
+    plain = launch(tmp_path, "--no-pack-weights", api_key=API_KEY)
+    requests = [
+        {"prompt": "Once upon a time", "max_new_tokens": 24, "temperature": 0},
+        {"prompt": "The king", "max_new_tokens": 24, "seed": 7, "top_k": 20, "top_p": 0.9},
+    ]
+    for request in requests:
+        assert served.predict(**request)["text"] == plain.predict(**request)["text"]
+    assert "serves float32 weights, packed for oneDNN on cpu" in served.log()
+    assert "serves float32 weights, plain on cpu" in plain.log()
 
 
 def test_a_seed_reproduces_and_another_seed_differs(served):
