@@ -3,9 +3,10 @@
     python -m bench.bench_decode [--preset gpt2] [--new-tokens 128] [--checkpoint best_model.pt --data text]
 
 Both sides decode greedily from the same 16-token prompt for exactly --new-tokens tokens, at batch 1
-and at batch 8, after one warm-up run. The engine runs in fp32, bf16 and with int8 / int4
-weight-only quantization; transformers in fp32 and bf16. With a trained checkpoint and a text file,
-the validation loss of each engine precision shows what quantization costs in quality.
+and at batch 8, after one warm-up run. The engine runs in fp32 and bf16 with plain weights and with
+weights packed for oneDNN (the service's CPU default), and with int8 / int4 weight-only
+quantization; transformers in fp32 and bf16. With a trained checkpoint and a text file, the
+validation loss of each engine variant shows what quantization costs in quality.
 """
 
 from __future__ import annotations
@@ -22,10 +23,21 @@ from transformers.utils import logging as hf_logging
 
 from bench.common import print_table, write_result
 from model import GPT, Engine, GPTConfig, SamplingParams, Tokenizer, load_checkpoint
+from model import packing
 from model.quantize import quantize
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-ENGINE_VARIANTS = [("fp32", "none"), ("bf16", "none"), ("bf16", "int8"), ("bf16", "int4")]
+# (dtype, weights): plain, packed (model.packing) or a weight-only quantization (model.quantize).
+ENGINE_VARIANTS = [("fp32", "plain"), ("fp32", "packed"), ("bf16", "plain"), ("bf16", "packed"), ("bf16", "int8"),
+                   ("bf16", "int4")]  # fmt: skip
+
+
+def engine_model(model: GPT, dtype: str, weights: str) -> GPT:
+    """A copy of `model` in `dtype` with its weights held as `weights` says."""
+    copied = copy.deepcopy(model).to(DTYPES[dtype]).eval()
+    if weights == "packed":
+        return packing.pack(copied)
+    return quantize(copied, "none" if weights == "plain" else weights)
 
 
 def time_engine(model: GPT, prompt: list[int], batch: int, new_tokens: int) -> float:
@@ -64,9 +76,9 @@ def quality(checkpoint: Path, data: Path) -> list[dict]:
     tokens = torch.tensor(Tokenizer().encode(text[int(len(text) * 0.9) :]))
     block = min(base.config.block_size, 256)
     rows = []
-    for dtype, mode in ENGINE_VARIANTS:
-        model = quantize(copy.deepcopy(base).to(DTYPES[dtype]), mode)
-        rows.append({"engine": f"{dtype}/{mode}", "val_loss": validation_loss(model, tokens, block)})
+    for dtype, weights in ENGINE_VARIANTS:
+        model = engine_model(base, dtype, weights)
+        rows.append({"engine": f"{dtype}/{weights}", "val_loss": validation_loss(model, tokens, block)})
     reference = rows[0]["val_loss"]
     for row in rows:
         row["delta_vs_fp32"] = row["val_loss"] - reference
@@ -94,19 +106,19 @@ def main() -> None:
     for name, dtype in DTYPES.items():
         hf = copy.deepcopy(hf_fp32).to(dtype)
         for batch in (1, args.batch):
-            rows.append({"impl": "transformers", "dtype": name, "quantize": "none", "batch": batch,
+            rows.append({"impl": "transformers", "dtype": name, "weights": "plain", "batch": batch,
                          "tokens_per_s": time_transformers(hf, prompt, batch, args.new_tokens)})
-    for dtype, mode in ENGINE_VARIANTS:
-        engine_model = quantize(copy.deepcopy(model).to(DTYPES[dtype]), mode)
+    for dtype, weights in ENGINE_VARIANTS:
+        variant = engine_model(model, dtype, weights)
         for batch in (1, args.batch):
-            rows.append({"impl": "engine", "dtype": dtype, "quantize": mode, "batch": batch,
-                         "tokens_per_s": time_engine(engine_model, prompt, batch, args.new_tokens)})
+            rows.append({"impl": "engine", "dtype": dtype, "weights": weights, "batch": batch,
+                         "tokens_per_s": time_engine(variant, prompt, batch, args.new_tokens)})
 
     reference = max(r["tokens_per_s"] for r in rows if r["impl"] == "transformers" and r["batch"] == 1)
-    single = {(r["impl"], r["dtype"], r["quantize"]): r["tokens_per_s"] for r in rows if r["batch"] == 1}
+    single = {(r["impl"], r["dtype"], r["weights"]): r["tokens_per_s"] for r in rows if r["batch"] == 1}
     for row in rows:
         row["vs_transformers_batch1"] = row["tokens_per_s"] / reference
-        row["vs_own_batch1"] = row["tokens_per_s"] / single[(row["impl"], row["dtype"], row["quantize"])]
+        row["vs_own_batch1"] = row["tokens_per_s"] / single[(row["impl"], row["dtype"], row["weights"])]
     print_table(f"Greedy decode, {args.preset} shape, 16-token prompt, {args.new_tokens} new tokens", rows)
 
     result = {"preset": args.preset, "new_tokens": args.new_tokens, "prompt_tokens": len(prompt),

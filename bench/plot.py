@@ -62,9 +62,9 @@ def train_throughput(record: dict, path: Path) -> Path:
 
 def decode(record: dict, path: Path) -> Path:
     rows = record["rows"]
-    variants = list(dict.fromkeys((r["impl"], r["dtype"], r["quantize"]) for r in rows))
+    variants = list(dict.fromkeys((r["impl"], r["dtype"], r["weights"]) for r in rows))
     batches = sorted({r["batch"] for r in rows})
-    rate = {(r["impl"], r["dtype"], r["quantize"], r["batch"]): r["tokens_per_s"] for r in rows}
+    rate = {(r["impl"], r["dtype"], r["weights"], r["batch"]): r["tokens_per_s"] for r in rows}
     fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.8 / len(batches)
     for i, batch in enumerate(batches):
@@ -72,7 +72,7 @@ def decode(record: dict, path: Path) -> Path:
         values = [rate.get((*v, batch), 0.0) for v in variants]
         bars = ax.bar(xs, values, width, label=f"batch {batch}")
         ax.bar_label(bars, labels=[f"{v:.0f}" for v in values], fontsize=8, padding=2)
-    labels = [f"{impl}\n{dtype}" + (f" {q}" if q != "none" else "") for impl, dtype, q in variants]
+    labels = [f"{impl}\n{dtype}" + (f" {w}" if w != "plain" else "") for impl, dtype, w in variants]
     ax.set_xticks(range(len(variants)), labels, fontsize=8)
     ax.set_ylabel("tokens/s")
     ax.set_title(f"Greedy decode, {record['preset']} shape, {record['new_tokens']} new tokens")

@@ -91,20 +91,21 @@ def train_rows(throughput: dict, quality: dict) -> list[dict]:
     ]  # fmt: skip
 
 
+# Decode rows whose weights hold the model's own numbers (the others are quantized).
+FULL_PRECISION = ("plain", "packed")
+
+
 def variant(r: dict) -> str:
-    return f"{r['impl']} {r['dtype']}" + ("" if r["quantize"] == "none" else f" {r['quantize']}")
+    return f"{r['impl']} {r['dtype']}" + ("" if r["weights"] == "plain" else f" {r['weights']}")
 
 
 def decode_rows(decode: dict) -> list[dict]:
     rows = decode["rows"]
     single = [r for r in rows if r["batch"] == 1]
     reference = max((r for r in single if r["impl"] == "transformers"), key=lambda r: r["tokens_per_s"])
-    same_weights = max(
-        (r for r in single if r["impl"] == "engine" and r["quantize"] == "none"), key=lambda r: r["tokens_per_s"]
-    )
-    quantized = max(
-        (r for r in single if r["impl"] == "engine" and r["quantize"] != "none"), key=lambda r: r["tokens_per_s"]
-    )
+    engine = [r for r in single if r["impl"] == "engine"]
+    same_weights = max((r for r in engine if r["weights"] in FULL_PRECISION), key=lambda r: r["tokens_per_s"])
+    quantized = max((r for r in engine if r["weights"] not in FULL_PRECISION), key=lambda r: r["tokens_per_s"])
     batched = next(r for r in rows if r["batch"] > 1 and variant(r) == variant(same_weights))
     versus = f"{variant(reference)} generate: {tokens(reference['tokens_per_s'])}"
     return [
