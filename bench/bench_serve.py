@@ -2,10 +2,11 @@
 
     python -m bench.bench_serve [--presets mini gpt2] [--input-len 32] [--output-len 128]
                                 [--omp-wait-policy passive|default] [--stream-interval SECONDS]
-                                [--threads N]
+                                [--threads N] [--no-pack-weights]
 
 For each preset (random weights, fp32, CPU), with the same prompt, sampling and length, and the
-same OpenMP wait policy on both sides (the service's default, passive, unless told otherwise):
+same weights (packed as the service packs them, unless --no-pack-weights) and OpenMP wait policy on
+both sides (the service's default, passive, unless told otherwise):
   1. overhead: one client's decode rate (tokens over the time from request to last token) through
      HTTP streaming against the engine called directly in this process, alternated three times,
      medians compared;
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import os
 import statistics
 import sys
@@ -29,7 +31,7 @@ import torch
 
 from bench.common import print_table, write_result
 from bench.loadgen import PROMPT_TOKEN, run_level, running_service
-from model import GPT, Engine, GPTConfig, SamplingParams, Tokenizer, save_checkpoint
+from model import GPT, Engine, GPTConfig, SamplingParams, Tokenizer, packing, save_checkpoint
 from service.settings import ServiceSettings
 
 SWEEP = (1, 4, 16, 32)
@@ -59,8 +61,10 @@ def bench_preset(preset: str, args: argparse.Namespace) -> dict:
         flags = [
             "--device", "cpu", "--dtype", "fp32", "--max-batch-size", str(max(SWEEP)),
             "--omp-wait-policy", args.omp_wait_policy, "--stream-interval", str(args.stream_interval),
-            "--threads", str(args.threads),
+            "--threads", str(args.threads), "--pack-weights" if args.pack_weights else "--no-pack-weights",
         ]  # fmt: skip
+        if args.pack_weights:
+            model = packing.pack(copy.deepcopy(model))
         with running_service(Path(directory), flags) as url:
 
             def run(concurrency: int, requests: int):
@@ -104,6 +108,10 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=service_defaults.worker_threads(1), help="torch threads on both sides"
     )
+    parser.add_argument(
+        "--pack-weights", action=argparse.BooleanOptionalAction, default=service_defaults.pack_weights,
+        help="the service's setting, applied to the directly driven engine too",
+    )
     args = parser.parse_args()
     wanted = "PASSIVE" if args.omp_wait_policy == "passive" else None
     if os.environ.get("OMP_WAIT_POLICY") != wanted:
@@ -123,7 +131,7 @@ def main() -> None:
             f"{preset}: concurrency sweep, {args.input_len} prompt / {args.output_len} output tokens",
             results[preset]["sweep"],
         )
-    keys = ("input_len", "output_len", "omp_wait_policy", "stream_interval", "threads")
+    keys = ("input_len", "output_len", "omp_wait_policy", "stream_interval", "threads", "pack_weights")
     settings = {key: getattr(args, key) for key in keys}
     write_result(
         f"serve_{'_'.join(args.presets)}_{args.omp_wait_policy}",

@@ -302,7 +302,8 @@ def section(
         "",
         (
             f"{serve['input_len']} prompt tokens, {serve['output_len']} output tokens per request, random "
-            f"weights, fp32, {serve['threads']} decode thread(s), OpenMP wait policy {serve['omp_wait_policy']}."
+            f"weights, fp32{', packed for oneDNN' if serve['pack_weights'] else ''}, {serve['threads']} decode "
+            f"thread(s), OpenMP wait policy {serve['omp_wait_policy']}."
         ),
         "",
     ]

@@ -48,6 +48,7 @@ def test_the_section_between_the_markers_is_replaced_and_the_rest_kept(results, 
     assert "| Serving overhead (mini, one client) | HTTP streaming: 226 tokens/s" in body
     assert "0.89× | ≥ 0.85× | yes |" in body
     assert "![decode tokens/s](bench/results/decode.png)" in body
+    assert "random weights, fp32, packed for oneDNN, 1 decode thread(s)" in body
     assert "Last run on Intel(R) Xeon(R) Processor (2 cores), torch 2.13.0+cpu, commit `164a303`" in body
     assert "18.2 minutes" in body  # the steps' seconds in suite.json: 620 + 150 + 320
     # Written again from the same results, the README does not change.
