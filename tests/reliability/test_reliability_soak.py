@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import random
 import socket
+from collections import Counter
 from urllib.parse import urlsplit
 
-import loadgen
 import pytest
+import soak_clients
 from reliabilitykit import SCALE, wait_idle
 from servicekit import wait_for
 
@@ -61,7 +62,7 @@ def access_log(text: str) -> dict[str, dict]:
 
 def test_soak_fails_nothing_leaks_nothing_and_stops_abandoned_generations(reliable, figures):
     seed = random.randrange(2**32)
-    work = loadgen.plans(SCALE.soak_requests, random.Random(seed))
+    work = soak_clients.plans(SCALE.soak_requests, random.Random(seed))
     # A tenth of the work, and at least three full rounds of clients: after a single round the worker's
     # allocator was still growing (up to 8% over the next 64 requests), after three it holds within 3%.
     warmup = max(len(work) // 10, 3 * SCALE.soak_concurrency)
@@ -69,10 +70,10 @@ def test_soak_fails_nothing_leaks_nothing_and_stops_abandoned_generations(reliab
     log_start = len(reliable.log())
 
     # Warm-up: every kind of request at full concurrency, so allocators and thread pools reach their size.
-    results = [loadgen.run(reliable.url, reliable.headers, work[:warmup], SCALE.soak_concurrency)]
+    results = [soak_clients.run(reliable.url, reliable.headers, work[:warmup], SCALE.soak_concurrency)]
     wait_idle(reliable)
     baseline = processes(reliable)
-    results.append(loadgen.run(reliable.url, reliable.headers, work[warmup:], SCALE.soak_concurrency))
+    results.append(soak_clients.run(reliable.url, reliable.headers, work[warmup:], SCALE.soak_concurrency))
     after = wait_idle(reliable)  # every abandoned request left its batch slot
     def settled():
         return not grown(baseline, processes(reliable), allowed=LAZY_POOL_GROWTH)
@@ -85,7 +86,7 @@ def test_soak_fails_nothing_leaks_nothing_and_stops_abandoned_generations(reliab
     end = processes(reliable)
 
     errors = [error for result in results for error in result.errors]
-    outcomes = sum((result.outcomes for result in results), start=loadgen.Counter())
+    outcomes = sum((result.outcomes for result in results), start=Counter())
     request_ids = [rid for result in results for rid in result.request_ids]
     log = wait_for(
         lambda: (entries := access_log(reliable.log()[log_start:])).keys() >= set(request_ids) and entries,
