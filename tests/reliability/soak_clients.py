@@ -31,8 +31,8 @@ def plans(count: int, rng: random.Random) -> list[Plan]:
     for i, stream in enumerate(streams):
         route = rng.choice(["/predict", "/v1/completions"])
         leave_after = rng.randint(1, 3) if i in abandoned else None
-        # An abandoned stream asks for many tokens (and a short prompt, to fit the context), so that it
-        # is surely left mid-way.
+        # An abandoned stream asks for many tokens (and a short prompt, to fit the context) and has no
+        # stop string (the served model never ends a text), so that it is surely left mid-way.
         length = 1000 if leave_after else rng.choice([1, 4, 16, 64, 128])
         body = {
             "prompt": " ".join(rng.choices(WORDS, k=rng.randint(1, 20 if leave_after else 200))),
@@ -42,7 +42,7 @@ def plans(count: int, rng: random.Random) -> list[Plan]:
             "seed": rng.choice([None, rng.randrange(2**31)]),
             "stream": stream,
         }
-        if rng.random() < 0.2:
+        if rng.random() < 0.2 and not leave_after:
             body["stop"] = [rng.choice(WORDS)]
         if route == "/predict":
             body["max_new_tokens"] = length
