@@ -2,15 +2,17 @@
 
 A decode step multiplies a few rows (one per request) by every weight matrix. Given an ordinary
 row-major weight, the CPU kernels re-block it on every call, and at 2 to 16 rows that costs as
-much as the arithmetic; reordering each weight once at load time removes it. Measured on the
-2-core development machine (README, "Performance"): batch-8 fp32 decode about 1.7× faster, bf16
-decode 1.3× faster at every batch size, fp32 single-stream decode about 10% slower.
+much as the arithmetic; reordering each weight once at load time removes it. On the 2-core
+development machine (bench/results/decode.json) batch-8 fp32 decoding of the gpt2 shape ran 1.6×
+faster, bf16 decoding 1.3× faster at batch 1 and 8, fp32 single-stream decoding 10% slower.
 
 The packed weights are opaque oneDNN tensors: a packed model is for inference only, stays on the
 CPU in its dtype, and cannot be copied or saved (pack the copy you serve, keep the original).
 """
 
 from __future__ import annotations
+
+from bisect import bisect_left
 
 import torch
 import torch.nn as nn
@@ -21,9 +23,9 @@ from model.gpt import GPT
 ROWS_HINT = 8
 # oneDNN compiles, and keeps, a kernel for every row count it is given: about half a megabyte each,
 # which prompts of every length would grow without bound (a worker gained 800 MB in a soak). Rows
-# go in as one of these counts, zero-padded up to the next (at most a third more work), in pieces
-# of at most the last.
-ROW_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+# go in as one of these counts, zero-padded up to the next (less than half as much work again), in
+# pieces of at most the last.
+ROW_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
 def available() -> bool:
@@ -45,7 +47,7 @@ class PackedLinear(nn.Module):
 
     def _product(self, rows: torch.Tensor) -> torch.Tensor:
         n = len(rows)
-        bucket = next(b for b in ROW_BUCKETS if b >= n)
+        bucket = ROW_BUCKETS[bisect_left(ROW_BUCKETS, n)]
         if bucket > n:
             rows = torch.cat([rows, rows.new_zeros(bucket - n, rows.shape[1])])
         return torch.ops.mkldnn._linear_pointwise(rows, self.weight, self.bias, "none", [], "")[:n]
