@@ -6,8 +6,7 @@ from pathlib import Path
 
 import torch
 
-from model import GPT, CheckpointError, Engine, Tokenizer, load_checkpoint
-from model import packing
+from model import GPT, CheckpointError, Engine, Tokenizer, load_checkpoint, packing
 from model.quantize import quantize
 from service.messages import ModelInfo
 from service.scheduler import Loaded
@@ -35,7 +34,12 @@ class ModelLoader:
     @property
     def weights(self) -> str:
         """How the served weights are held, for the log."""
-        layout = "packed for oneDNN" if self.pack else {"none": "plain"}.get(self.quantization, self.quantization)
+        if self.pack:
+            layout = "packed for oneDNN"
+        elif self.quantization == "none":
+            layout = "plain"
+        else:
+            layout = self.quantization
         return f"{str(self.dtype).removeprefix('torch.')} weights, {layout}"
 
     def checkpoint(self, path: Path) -> Loaded:
