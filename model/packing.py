@@ -22,9 +22,9 @@ from model.gpt import GPT
 # The row count oneDNN chooses its weight layout for; any number of rows can then be multiplied.
 ROWS_HINT = 8
 # oneDNN compiles, and keeps, a kernel for every row count it is given: about half a megabyte each,
-# which prompts of every length would grow without bound (a worker gained 800 MB in a soak). Rows
-# go in as one of these counts, zero-padded up to the next (less than half as much work again), in
-# pieces of at most the last.
+# which prompts of every length would grow without bound (an engine fed random batches gained 800 MB;
+# the soak test caught a worker growing). Rows go in as one of these counts, zero-padded up to the
+# next (less than half as much work again), in pieces of at most the last.
 ROW_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
