@@ -75,6 +75,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The per-process metrics every service process exports, by the name Scrape.processes gives them.
+PROCESS_FIGURES = {"process_resident_memory_bytes": "rss", "process_threads": "threads", "process_open_fds": "fds"}
+
+
 class Scrape:
     """One /metrics scrape."""
 
@@ -89,6 +93,19 @@ class Scrape:
     def get(self, name: str, **labels) -> float:
         """One sample's value (0 when absent, as for a counter never incremented)."""
         return self.samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    def processes(self) -> dict[int, dict]:
+        """Every service process by pid: its role, resident memory, threads and open files."""
+        stats: dict[int, dict] = {}
+        for (name, labels), value in self.samples.items():
+            if name in PROCESS_FIGURES:
+                labels = dict(labels)
+                stats.setdefault(int(labels["pid"]), {"role": labels["role"]})[PROCESS_FIGURES[name]] = int(value)
+        return stats
+
+    def pids(self, role: str) -> list[int]:
+        """The pids of the service processes in `role` (main, api, worker, helper)."""
+        return [pid for pid, process in self.processes().items() if process["role"] == role]
 
 
 @dataclass

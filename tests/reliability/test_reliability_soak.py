@@ -31,19 +31,6 @@ RSS_DRIFT = 0.10
 # asyncio's default executor in a worker grows to min(32, cores + 4) threads, each with its own
 # connection to LitServe's manager process. A leak adds one per request or per disconnect instead.
 LAZY_POOL_GROWTH = 2
-FIGURES_OF = {"process_resident_memory_bytes": "rss", "process_threads": "threads", "process_open_fds": "fds"}
-
-
-def processes(service) -> dict[int, dict]:
-    """Resident memory, threads and open files of every service process, by pid, from one scrape."""
-    stats: dict[int, dict] = {}
-    for (name, labels), value in service.metrics().samples.items():
-        if name in FIGURES_OF:
-            labels = dict(labels)
-            stats.setdefault(int(labels["pid"]), {"role": labels["role"]})[FIGURES_OF[name]] = int(value)
-    return stats
-
-
 def grown(baseline: dict[int, dict], now: dict[int, dict], allowed: int = 0) -> list[str]:
     """Processes with more threads or open files than at the baseline (beyond `allowed` more)."""
     return [
@@ -72,18 +59,18 @@ def test_soak_fails_nothing_leaks_nothing_and_stops_abandoned_generations(reliab
     # Warm-up: every kind of request at full concurrency, so allocators and thread pools reach their size.
     results = [soak_clients.run(reliable.url, reliable.headers, work[:warmup], SCALE.soak_concurrency)]
     wait_idle(reliable)
-    baseline = processes(reliable)
+    baseline = reliable.metrics().processes()
     results.append(soak_clients.run(reliable.url, reliable.headers, work[warmup:], SCALE.soak_concurrency))
     after = wait_idle(reliable)  # every abandoned request left its batch slot
     def settled():
-        return not grown(baseline, processes(reliable), allowed=LAZY_POOL_GROWTH)
+        return not grown(baseline, reliable.metrics().processes(), allowed=LAZY_POOL_GROWTH)
 
     try:
         # Connections and their file descriptors close as the clients leave: give them a moment.
         wait_for(settled, 30, message="threads and open files to settle")
     except pytest.fail.Exception:
         pass  # the assertions below say what grew, once the figures are recorded
-    end = processes(reliable)
+    end = reliable.metrics().processes()
 
     errors = [error for result in results for error in result.errors]
     outcomes = sum((result.outcomes for result in results), start=Counter())

@@ -30,8 +30,7 @@ def service(launch, tmp_path_factory):
 
 
 def worker_pid(service) -> int | None:
-    pids = [int(dict(labels)["pid"]) for (name, labels) in service.metrics().samples
-            if name == "process_threads" and dict(labels)["role"] == "worker"]  # fmt: skip
+    pids = service.metrics().pids("worker")
     return pids[0] if pids else None
 
 

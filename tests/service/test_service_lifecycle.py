@@ -31,11 +31,7 @@ def service(launch, tmp_path_factory, hf_dir):
 
 
 def worker_pid(service) -> int:
-    [pid] = [
-        int(dict(labels)["pid"])
-        for (name, labels) in service.metrics().samples
-        if name == "process_threads" and dict(labels)["role"] == "worker"
-    ]
+    [pid] = service.metrics().pids("worker")
     return pid
 
 
@@ -97,8 +93,8 @@ def test_sigterm_drains_and_leaves_no_process(launch, tmp_path):
     publish(tmp_path, step=3)
     service = launch(tmp_path, "--api-servers", "2", "--workers", "2")
     service.wait_serving(step=3)
-    roles = [dict(labels)["role"] for (name, labels) in service.metrics().samples if name == "process_threads"]
-    assert roles.count("api") == 2 and roles.count("worker") == 2
+    scrape = service.metrics()
+    assert len(scrape.pids("api")) == 2 and len(scrape.pids("worker")) == 2
     assert_drains(service, lambda: service.process.send_signal(signal.SIGTERM))
 
 
