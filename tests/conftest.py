@@ -1,6 +1,6 @@
 """Shared by every test folder: this file puts tests/ on sys.path, so `servicekit` (the real service as a
-subprocess, tiny checkpoints, scrapes) and `trainerkit` (the real trainer) are importable from tests/service,
-tests/deploy and tests/reliability; its fixtures start services, share a token cache across folders and
+subprocess, tiny checkpoints, scrapes), `trainerkit` (the real trainer) and `faultkit` (a full disk) are
+importable from every test folder; its fixtures start services, share a token cache across folders and
 load deploy/up.py."""
 
 from __future__ import annotations

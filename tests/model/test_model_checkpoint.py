@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from faultkit import limit_file_size
 
 from model import GPT, CheckpointError, GPTConfig, load_checkpoint, save_checkpoint
 
@@ -130,10 +131,8 @@ def test_a_writer_killed_at_random_moments_never_leaves_a_torn_file(tmp_path):
 
 FULL_DISK = textwrap.dedent(
     """
-    import resource, signal, sys
+    import sys
     from model import GPT, GPTConfig, save_checkpoint
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
     try:
         save_checkpoint(sys.argv[1], GPT(GPTConfig.from_preset("tiny")), step=2, loss=0.0, best_loss=0.0,
                         learning_rate=0.0)
@@ -147,7 +146,9 @@ FULL_DISK = textwrap.dedent(
 def test_a_write_that_runs_out_of_space_keeps_the_previous_checkpoint(tmp_path):
     path = save_checkpoint(tmp_path / "last.pt", GPT(GPTConfig.from_preset("tiny")), **SEED_KEYS)
     before = path.read_bytes()
-    result = subprocess.run([sys.executable, "-c", FULL_DISK, str(path)], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, str(path)], capture_output=True, text=True, preexec_fn=limit_file_size(100_000)
+    )
     assert result.returncode == 3, result.stderr
     assert "refused: File too large" in result.stdout
     assert path.read_bytes() == before

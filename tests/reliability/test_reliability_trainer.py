@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import random
-import resource
 import signal
 import threading
 import time
 from pathlib import Path
 
+from faultkit import limit_file_size
 from reliabilitykit import SCALE
 from servicekit import wait_for
 from trainerkit import invoke_fit, spawn, tiny_flags
@@ -114,20 +114,6 @@ def test_sigkill_at_random_moments_never_loses_a_checkpoint_and_resume_continues
         final_step=final,
         kills=kills,
     )
-
-
-def limit_file_size(limit: int):
-    """A preexec_fn for a child whose disk is full past `limit` bytes per file (no root, no mounts needed).
-
-    RLIMIT_FSIZE makes a write past the limit fail with EFBIG once SIGXFSZ (which would kill the process)
-    is ignored; the ignored disposition survives the exec of the trainer.
-    """
-
-    def apply():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    return apply
 
 
 def test_a_full_disk_while_saving_reports_the_error_and_keeps_the_previous_checkpoints(cache_dir, tmp_path):
