@@ -26,7 +26,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.settings import build_settings, settings_options
-from service.lifecycle import own_session_ending_with
+from service.signals import die_with_parent
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,6 +74,13 @@ class Child:
             return self.process.wait()
         finally:
             self._pump.join(timeout=5)
+
+
+def own_session_ending_with(parent_pid: int) -> None:
+    """A child's `preexec_fn`: a session of its own, so that Ctrl-C reaches it only through this supervisor,
+    and a graceful SIGTERM if the supervisor is killed outright."""
+    os.setsid()
+    die_with_parent(parent_pid, signal.SIGTERM)
 
 
 def prometheus_config(settings: UpSettings) -> Path:

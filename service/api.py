@@ -20,7 +20,7 @@ import litserve as ls
 import torch
 
 from model import Tokenizer, autocast_dtype
-from service import lifecycle, metrics
+from service import metrics, signals
 from service.board import Board
 from service.loading import ModelLoader
 from service.logs import configure_logging
@@ -43,8 +43,8 @@ class GenerationAPI(ls.LitAPI):
         self.board = board
 
     def setup(self, device: str) -> None:
-        lifecycle.ignore_interrupts()
-        lifecycle.die_with_parent(self.board.main_pid)
+        signals.ignore_interrupts()
+        signals.die_with_parent(self.board.main_pid)
         configure_logging(self.settings.log_level)
         self.worker_id = int(os.environ["LITSERVE_WORKER_ID"])
         previous = self.board.claim(self.worker_id)

@@ -103,3 +103,20 @@ class Board:
         roles = {pid: "api" for pid in self._api_pids if pid}
         roles.update({view.pid: "worker" for view in self.workers() if view.pid})
         return roles
+
+
+class RegisterApiServer:
+    """ASGI middleware that posts each HTTP server's pid on the board when the server starts.
+
+    LitServe forks its HTTP servers and gives them no start hook; the ASGI lifespan startup is the
+    first thing each one runs, with LITSERVE_WORKER_ID set to its index.
+    """
+
+    def __init__(self, app, board):
+        self.app = app
+        self.board = board
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            self.board.claim_api(int(os.environ.get("LITSERVE_WORKER_ID", "0")))
+        await self.app(scope, receive, send)

@@ -9,10 +9,10 @@ import litserve as ls
 import torch
 
 from model import resolve_device
-from service import lifecycle
+from service import signals
 from service.access import AccessLog
 from service.api import GenerationAPI
-from service.board import Board
+from service.board import Board, RegisterApiServer
 from service.probes import probes
 from service.settings import ServiceSettings
 from service.spec import document_request_bodies
@@ -57,7 +57,7 @@ def build(settings: ServiceSettings) -> Server:
         timeout=settings.queue_timeout,
         # /health is the service's readiness (a model is served); LitServe's own (workers are up) is liveness.
         healthcheck_path="/live",
-        middlewares=[(AccessLog, {}), (lifecycle.RegisterApiServer, {"board": board})],
+        middlewares=[(AccessLog, {}), (RegisterApiServer, {"board": board})],
         # A worker that dies is replaced; requests it held fail with 503 (see calls.py).
         restart_workers=True,
     )
@@ -71,8 +71,8 @@ def serve(server: Server, settings: ServiceSettings) -> None:
     main_pid = os.getpid()
     # HTTP servers and LitServe's manager are forked from here: they must not outlive this process,
     # nor inherit the SIGTERM handler meant for it.
-    os.register_at_fork(after_in_child=lambda: lifecycle.forked_child(main_pid))
-    lifecycle.interrupt_on_sigterm()
+    os.register_at_fork(after_in_child=lambda: signals.forked_child(main_pid))
+    signals.interrupt_on_sigterm()
     server.run(
         host=settings.host,
         port=settings.port,

@@ -1,7 +1,8 @@
 """Shared by every test folder: this file puts tests/ on sys.path, so `servicekit` (the real service as a
 subprocess, tiny checkpoints, scrapes), `trainerkit` (the real trainer) and `faultkit` (a full disk) are
 importable from every test folder; its fixtures start services, share a token cache across folders and
-load deploy/up.py."""
+load deploy/up.py. Every process a test starts goes through `processes`, and the session fails if one
+outlives the tests."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from processes import pytest_sessionfinish  # noqa: F401 (the hook that fails a session leaving processes behind)
 from servicekit import Service, start_service
 
 

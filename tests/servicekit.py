@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import signal
@@ -18,10 +17,10 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from processes import spawn
 from prometheus_client.parser import text_string_to_metric_families
 
 from model import EOT_TOKEN, GPT, GPTConfig, save_checkpoint
-from service.lifecycle import own_session_ending_with
 
 API_KEY = "test-key-0123456789"
 STARTUP_TIMEOUT = 90.0
@@ -195,11 +194,7 @@ def start_service(
     ]
     with open(log_path, "w") as log:
         # A session of its own, as under a terminal or a supervisor: Ctrl-C can be sent to its whole group.
-        # It stops too if the tests are killed, rather than serving on with nobody to stop it.
-        process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env=environment,
-            preexec_fn=functools.partial(own_session_ending_with, os.getpid()),
-        )  # fmt: skip
+        process = spawn(command, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env=environment)
     service = Service(
         f"http://127.0.0.1:{port}",
         process,

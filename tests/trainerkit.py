@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import processes
 from click.testing import CliRunner
 
 from trainer.cli import main
@@ -31,7 +32,7 @@ def invoke_fit(cache_dir: Path, out: Path, *extra: str, expect: int = 0):
 def spawn(args: list[str], **popen) -> subprocess.Popen:
     """`python -m trainer ARGS` as a real process, its output a line-buffered text pipe."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
+    return processes.spawn(
         [sys.executable, "-m", "trainer", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import itertools
 import json
-import subprocess
 import sys
 from pathlib import Path
 
+import processes
 import pytest
 
 from bench.gpu import CURVE_POINTS, race, race_summary
@@ -82,7 +82,7 @@ def test_every_section_runs_on_the_cpu_and_writes_its_result(tmp_path):
     root = Path(__file__).resolve().parents[2]
     for section, flags in SECTIONS.items():
         command = [sys.executable, "-m", "bench.gpu", section, "--device", "cpu", "--results-dir", str(tmp_path), *flags]
-        done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=240)
+        done = processes.run(command, cwd=root, capture_output=True, text=True, timeout=240)
         assert done.returncode == 0, done.stdout + done.stderr
 
     train = json.loads((tmp_path / "gpu_train.json").read_text())
@@ -94,6 +94,6 @@ def test_every_section_runs_on_the_cpu_and_writes_its_result(tmp_path):
     serve = json.loads((tmp_path / "gpu_serve.json").read_text())
     assert [level["concurrency"] for level in serve["sweep"]] == [1, 2]
     assert all(level["output_tok_per_s"] > 0 for level in serve["sweep"])
-    summary = subprocess.run([sys.executable, "-m", "bench.gpu", "summary", "--results-dir", str(tmp_path)],
+    summary = processes.run([sys.executable, "-m", "bench.gpu", "summary", "--results-dir", str(tmp_path)],
                              cwd=root, capture_output=True, text=True, timeout=60)  # fmt: skip
     assert summary.returncode == 0 and "tokens/s" in summary.stdout, summary.stdout + summary.stderr

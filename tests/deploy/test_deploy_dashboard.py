@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import httpx
+import processes
 import pytest
 from servicekit import free_port, publish, start_service, wait_for
 
@@ -39,7 +40,7 @@ def stack(tmp_path_factory, up_module):
     publish(checkpoints, step=10, val_loss=3.0)
     service = start_service(tmp, checkpoints)
     trainer_port = free_port()
-    trainer = subprocess.Popen(
+    trainer = processes.spawn(
         [sys.executable, "-m", "trainer", "fit", "--data", "builtin:pydoc", "--out", str(tmp / "run"),
          "--preset", "tiny", "--seq-len", "32", "--batch-size", "4", "--eval-iters", "2", "--eval-interval", "5",
          "--log-interval", "1", "--steps", "100000", "--device", "cpu", "--dtype", "fp32", "--no-compile",
@@ -51,7 +52,7 @@ def stack(tmp_path_factory, up_module):
     config = up_module.prometheus_config(settings)
     config.write_text(re.sub(r"(scrape|evaluation)_interval: \w+", r"\1_interval: 1s", config.read_text()))
     prometheus_port = free_port()
-    prometheus = subprocess.Popen(
+    prometheus = processes.spawn(
         [shutil.which("prometheus") or pytest.fail("prometheus not found: apt-get install -y prometheus"),
          f"--config.file={config}", f"--storage.tsdb.path={tmp / 'tsdb'}",
          f"--web.listen-address=127.0.0.1:{prometheus_port}", "--log.level=error"],

@@ -2,9 +2,9 @@
 
 import json
 import re
-import subprocess
 from pathlib import Path
 
+import processes
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def compose_config(*files: str) -> dict:
     args = [arg for f in files for arg in ("-f", f)]
-    result = subprocess.run(["docker-compose", *args, "config"], cwd=ROOT, capture_output=True, text=True)
+    result = processes.run(["docker-compose", *args, "config"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     return yaml.safe_load(result.stdout)
 
@@ -55,7 +55,7 @@ def test_prometheus_configs_pass_promtool(up_module, tmp_path):
     settings = up_module.UpSettings(run_dir=tmp_path, port=18000, trainer_metrics_port=19100)
     local = up_module.prometheus_config(settings)
     for path in (compose, local):
-        result = subprocess.run(["promtool", "check", "config", str(path)], capture_output=True, text=True)
+        result = processes.run(["promtool", "check", "config", str(path)], capture_output=True, text=True)
         assert result.returncode == 0, result.stdout + result.stderr
     assert '"127.0.0.1:18000"' in local.read_text() and '"127.0.0.1:19100"' in local.read_text()
 

@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 import httpx
+import processes
 from servicekit import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,9 +41,9 @@ def test_make_up_serves_the_trainers_first_checkpoint_and_stops_cleanly_on_ctrl_
         "TRAINER_EVAL_ITERS": "2",
         "TRAINER_DEVICE": "cpu",
     }
-    make = subprocess.Popen(
+    make = processes.spawn(
         ["make", "--no-print-directory", "up"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        stderr=subprocess.STDOUT, text=True,
     )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(make.stdout), daemon=True)

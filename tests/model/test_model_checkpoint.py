@@ -5,8 +5,8 @@ import signal
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
+import processes
 import pytest
 import torch
 from faultkit import limit_file_size
@@ -117,7 +117,7 @@ def test_a_writer_killed_at_random_moments_never_leaves_a_torn_file(tmp_path):
     path = tmp_path / "best_model.pt"
     rng = random.Random(0)
     for _ in range(3):
-        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True)
+        writer = processes.spawn([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True)
         writer.stdout.readline()  # one full checkpoint exists
         for _ in range(rng.randint(0, 3)):
             writer.stdout.readline()
@@ -146,7 +146,7 @@ FULL_DISK = textwrap.dedent(
 def test_a_write_that_runs_out_of_space_keeps_the_previous_checkpoint(tmp_path):
     path = save_checkpoint(tmp_path / "last.pt", GPT(GPTConfig.from_preset("tiny")), **SEED_KEYS)
     before = path.read_bytes()
-    result = subprocess.run(
+    result = processes.run(
         [sys.executable, "-c", FULL_DISK, str(path)], capture_output=True, text=True, preexec_fn=limit_file_size(100_000)
     )
     assert result.returncode == 3, result.stderr

@@ -14,9 +14,9 @@ import itertools
 import os
 import pickle
 import shutil
-import subprocess
 import sys
 
+import processes
 import pytest
 import torch
 from servicekit import publish, wait_for
@@ -93,5 +93,5 @@ def test_a_checkpoint_crafted_to_run_code_is_refused_and_never_runs(reliable, cr
 
     # The payload was live: loading the file without weights_only runs it (a bare pickle runs it while
     # torch reads what it takes for a header, before refusing the file).
-    subprocess.run([sys.executable, "-c", UNSAFE_LOAD, str(crafted)], capture_output=True)
+    processes.run([sys.executable, "-c", UNSAFE_LOAD, str(crafted)], capture_output=True)
     assert marker.exists()

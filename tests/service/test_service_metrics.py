@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import processes
 import pytest
 from servicekit import wait_for
 
@@ -30,7 +30,7 @@ def test_scrape_passes_promtool_after_traffic(served):
     if promtool is None:
         pytest.fail("promtool not found: install the Debian package 'prometheus' (apt-get install -y prometheus)")
     text = served.metrics().text
-    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+    result = processes.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     types = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")]
     assert len(types) == len(set(types)), "a metric family appears twice"

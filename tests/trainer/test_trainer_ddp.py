@@ -1,9 +1,9 @@
 """Two CPU processes under torchrun (gloo) train the same model as one process with the same global batch."""
 
 import os
-import subprocess
 import sys
 
+import processes
 import torch
 
 from model import read_checkpoint
@@ -13,7 +13,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny, fit, records, 
     common = ("--steps", "6", "--eval-interval", "3", "--lr", "3e-3", "--warmup-steps", "2")
     fit(tmp_path / "single", "--grad-accum", "2", *common)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    result = subprocess.run(
+    result = processes.run(
         [*torchrun, "-m", "trainer", "fit", *tiny(tmp_path / "ddp", "--grad-accum", "1", *common)],
         capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )

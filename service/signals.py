@@ -1,4 +1,4 @@
-"""Process plumbing LitServe leaves out: signals and dying with the parent."""
+"""Signals LitServe leaves to us: dying with the parent process, SIGTERM as Ctrl-C, Ctrl-C ignored by workers."""
 
 from __future__ import annotations
 
@@ -24,13 +24,6 @@ def die_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> None:
         os._exit(1)
 
 
-def own_session_ending_with(parent_pid: int) -> None:
-    """For a supervisor's child (a `preexec_fn`): a session of its own, so that Ctrl-C reaches it only
-    through the supervisor, and a graceful SIGTERM if the supervisor is killed outright."""
-    os.setsid()
-    die_with_parent(parent_pid, signal.SIGTERM)
-
-
 def forked_child(parent_pid: int) -> None:
     """For processes forked from the main one: die with it, and leave SIGTERM to its default."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -49,20 +42,3 @@ def interrupt_on_sigterm() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
-
-
-class RegisterApiServer:
-    """ASGI middleware that posts each HTTP server's pid on the board when the server starts.
-
-    LitServe forks its HTTP servers and gives them no start hook; the ASGI lifespan startup is the
-    first thing each one runs, with LITSERVE_WORKER_ID set to its index.
-    """
-
-    def __init__(self, app, board):
-        self.app = app
-        self.board = board
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "lifespan":
-            self.board.claim_api(int(os.environ.get("LITSERVE_WORKER_ID", "0")))
-        await self.app(scope, receive, send)

@@ -1,0 +1,93 @@
+"""Every process the tests start, tied to the test run so that none outlives it.
+
+`spawn` and `run` start a child in a session of its own (a test can signal its whole group) that the
+kernel kills when the pytest process dies, however it dies: a pytest-timeout, Ctrl-C or a crash cannot
+leave a trainer or a service running for hours. Its hook, which tests/conftest.py
+imports, also fails the session if any process started here, or anything else below pytest, is still alive
+at its end.
+
+The parent-death signal follows the thread that forked the child: spawn long-lived children from the
+test's own thread, not from a worker thread that ends before them.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import subprocess
+from collections.abc import Callable
+
+import psutil
+import pytest
+
+from service.signals import die_with_parent
+
+_started: list[subprocess.Popen] = []
+
+
+def _detach_and_die_with(parent_pid: int, then: Callable[[], None] | None) -> None:
+    os.setsid()
+    die_with_parent(parent_pid, signal.SIGKILL)
+    if then is not None:
+        then()
+
+
+def spawn(argv: list[str], preexec_fn: Callable[[], None] | None = None, **popen) -> subprocess.Popen:
+    """`subprocess.Popen(argv, **popen)`, killed with the test run; `preexec_fn` runs after the tie is made."""
+    tie = functools.partial(_detach_and_die_with, os.getpid(), preexec_fn)
+    process = subprocess.Popen(argv, preexec_fn=tie, **popen)
+    _started.append(process)
+    return process
+
+
+def run(
+    argv: list[str], timeout: float = 600, preexec_fn: Callable[[], None] | None = None, **popen
+) -> subprocess.CompletedProcess:
+    """`subprocess.run(argv, **popen)` for a child that must finish within `timeout` seconds."""
+    tie = functools.partial(_detach_and_die_with, os.getpid(), preexec_fn)
+    return subprocess.run(argv, preexec_fn=tie, timeout=timeout, **popen)
+
+
+def stop_group(process: subprocess.Popen, timeout: float = 30.0) -> int:
+    """SIGTERM the child's whole session, SIGKILL it if it overstays; return the child's exit status."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        return process.wait()
+
+
+def survivors() -> list[str]:
+    """Kill and describe every process below this one that is still alive (zombies are reaped)."""
+    for process in _started:
+        process.poll()
+    alive = [p for p in psutil.Process().children(recursive=True) if _running(p)]
+    described = []
+    for child in alive:
+        try:
+            described.append(f"{child.pid} {' '.join(child.cmdline())[:200]}")
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    return described
+
+
+def _running(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def pytest_sessionfinish(session, exitstatus):
+    leaked = survivors()
+    if leaked:
+        session.config.get_terminal_writer().line(
+            "processes left running by the tests (now killed):\n  " + "\n  ".join(leaked), red=True
+        )
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
