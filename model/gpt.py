@@ -8,7 +8,7 @@ written into KV-cache rows) and `decode` (one new token for each of the first B 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -73,9 +73,6 @@ class GPTConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def replace(self, **changes) -> GPTConfig:
-        return replace(self, **changes)
-
 
 class KVCache(nn.Module):
     """Keys and values of every layer for `max_batch` rows of up to `max_len` positions.
@@ -99,10 +96,6 @@ class KVCache(nn.Module):
     @property
     def max_len(self) -> int:
         return self.k.shape[3]
-
-    def move_row(self, src: int, dst: int) -> None:
-        self.k[:, dst] = self.k[:, src]
-        self.v[:, dst] = self.v[:, src]
 
 
 class CausalSelfAttention(nn.Module):
@@ -283,3 +276,14 @@ class GPT(nn.Module):
         from model.hf import save_hf
 
         save_hf(self, directory)
+
+    def replace_linears(self, make) -> GPT:
+        """Swap every linear layer, the LM head included, for `make(linear)`, in place; return the model.
+
+        The LM head gets its own replacement of the tied embedding, which the input lookup keeps using.
+        """
+        for module in list(self.modules()):
+            for name, child in list(module.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(module, name, make(child))
+        return self

@@ -54,17 +54,10 @@ class PackedLinear(nn.Module):
 
 
 def pack(model: GPT) -> GPT:
-    """Replace the model's linear layers (LM head included) in place and return it.
-
-    The LM head gets its own packed copy of the tied embedding, which the input lookup keeps using.
-    """
+    """Replace the model's linear layers (LM head included) in place and return it."""
     if not available():
         raise ValueError("this torch build has no oneDNN (mkldnn) kernels to pack weights for")
     param = next(model.parameters())
     if param.device.type != "cpu":
         raise ValueError(f"packed weights are for CPU kernels; the model is on {param.device}")
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(module, name, PackedLinear(child))
-    return model
+    return model.replace_linears(PackedLinear)

@@ -67,8 +67,8 @@ class Int4Linear(nn.Module):
 def quantize(model: GPT, mode: str) -> GPT:
     """Replace the model's linear layers (LM head included) in place; `none` leaves it untouched.
 
-    The LM head gets its own quantized copy of the tied embedding, which the input lookup keeps
-    using in full precision. The result is for inference only and runs on the CPU.
+    The tied embedding stays in full precision for the input lookup. The result is for inference
+    only and runs on the CPU.
     """
     if mode not in MODES:
         raise ValueError(f"unknown quantization {mode!r}: use one of {', '.join(MODES)}")
@@ -78,8 +78,4 @@ def quantize(model: GPT, mode: str) -> GPT:
         raise ValueError("weight-only quantization uses CPU kernels; keep quantize=none on GPUs")
     kind = Int8Linear if mode == "int8" else Int4Linear
     dtype = next(model.parameters()).dtype
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(module, name, kind(child, dtype))
-    return model
+    return model.replace_linears(lambda linear: kind(linear, dtype))

@@ -26,9 +26,6 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self._encoding.encode_ordinary(text)
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self._encoding.encode_ordinary_batch(texts)
-
     def decode(self, tokens: list[int]) -> str:
         return self._encoding.decode(tokens, errors="replace")
 
