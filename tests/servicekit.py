@@ -21,6 +21,7 @@ from processes import spawn
 from prometheus_client.parser import text_string_to_metric_families
 
 from model import EOT_TOKEN, GPT, GPTConfig, save_checkpoint
+from modelkit import sharpen
 
 API_KEY = "test-key-0123456789"
 STARTUP_TIMEOUT = 90.0
@@ -46,11 +47,8 @@ def tiny_model(seed: int = 0, **config) -> GPT:
     far below the top candidates, so generations always run to max_new_tokens.
     """
     torch.manual_seed(seed)
-    model = GPT(GPTConfig.from_preset("tiny", **{"block_size": 1024, **config}))
+    model = sharpen(GPT(GPTConfig.from_preset("tiny", **{"block_size": 1024, **config})))
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("weight") and p.dim() == 2:
-                p.mul_(8.0)
         model.transformer.wte.weight[EOT_TOKEN].zero_()
     return model
 

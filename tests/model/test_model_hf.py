@@ -3,6 +3,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from model import GPT, GPTConfig
+from modelkit import sharpen
 
 
 @pytest.fixture(scope="module")
@@ -10,12 +11,8 @@ def hf_dir(tmp_path_factory):
     """A small random GPT-2 written by transformers itself, built offline."""
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=50257, n_positions=128, n_embd=64, n_layer=3, n_head=4)
-    hf = GPT2LMHeadModel(config).eval()
-    with torch.no_grad():
-        # Real margins between logits, so greedy decoding is not decided by rounding.
-        for name, p in hf.named_parameters():
-            if name.endswith("weight") and p.dim() == 2:
-                p.mul_(8.0)
+    # Real margins between logits, so greedy decoding is not decided by rounding.
+    hf = sharpen(GPT2LMHeadModel(config)).eval()
     directory = tmp_path_factory.mktemp("hf-gpt2")
     hf.save_pretrained(directory)
     return directory
