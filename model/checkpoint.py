@@ -9,8 +9,10 @@ from __future__ import annotations
 import glob
 import io
 import os
+import stat
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 import torch.nn as nn
@@ -96,12 +98,11 @@ def _temporary_prefix(path: Path) -> str:
 def read_checkpoint(path, map_location="cpu") -> dict:
     """The checkpoint dictionary at `path`, checked for our format; raises CheckpointError otherwise."""
     path = Path(path)
-    try:
-        data = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{path}: no such checkpoint") from e
-    except Exception as e:  # any parse failure means the same thing to the caller: not a checkpoint
-        raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(e)})") from e
+    with _open_regular_file(path) as f:
+        try:
+            data = torch.load(f, map_location=map_location, weights_only=True)
+        except Exception as e:  # any parse failure means the same thing to the caller: not a checkpoint
+            raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(e)})") from e
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a gpt-service checkpoint (format marker {FORMAT!r} missing)")
     for key in ("config", "model"):
@@ -110,8 +111,38 @@ def read_checkpoint(path, map_location="cpu") -> dict:
     return data
 
 
+def _open_regular_file(path: Path) -> BinaryIO:
+    """`path` opened for reading if it is a regular file; CheckpointError otherwise.
+
+    Opened without blocking and checked on the open descriptor: a FIFO, device or socket named like a
+    checkpoint would otherwise block the reader forever, and a check before opening could be raced.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path}: no such checkpoint") from e
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be opened ({e.strerror or e})") from e
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "folder" if stat.S_ISDIR(mode) else "FIFO" if stat.S_ISFIFO(mode) else "device or socket"
+        raise CheckpointError(f"{path}: not a regular file but a {kind}")
+    return os.fdopen(fd, "rb")
+
+
+def check_finite(model: nn.Module, source) -> None:
+    """CheckpointError naming the first weight of `model` that holds NaN or Inf."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{source}: weight {name} holds NaN or Inf values")
+
+
 def load_checkpoint(path, device="cpu") -> tuple[GPT, dict]:
-    """Rebuild the model saved at `path` on `device`; return it with the checkpoint's metadata."""
+    """Rebuild the model saved at `path` on `device`; return it with the checkpoint's metadata.
+
+    A checkpoint whose weights are not all finite is refused: it would generate garbage.
+    """
     data = read_checkpoint(path)
     try:
         config = GPTConfig.from_dict(data["config"])
@@ -124,6 +155,7 @@ def load_checkpoint(path, device="cpu") -> tuple[GPT, dict]:
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not match its config ({_first_line(e)})") from e
     model.lm_head.weight = model.transformer.wte.weight
+    check_finite(model, path)
     return model.to(device).eval(), data
 
 

@@ -13,13 +13,12 @@ import time
 import uuid
 
 from service import metrics
+from service.errors import CLIENT_CLOSED
 from service.messages import FINISH_ABORT
 
 log = logging.getLogger("service.access")
 
 GENERATION_ROUTES = frozenset({"/predict", "/v1/completions"})
-# nginx's status for "the client closed the connection before the answer": logged and counted, never sent.
-CLIENT_CLOSED = 499
 
 
 class AccessLog:

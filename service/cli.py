@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -37,10 +38,11 @@ def serve(**flags) -> None:
         except ValueError as e:
             raise click.UsageError(str(e)) from None
         configure_logging(settings.log_level)
-        serve(server, settings)
+        status = serve(server, settings)
     finally:
         if settings.metrics_dir is None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+    sys.exit(status)
 
 
 def prepare_metrics_dir(path: Path | None) -> Path:

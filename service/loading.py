@@ -1,7 +1,8 @@
-"""Turning checkpoints and pretrained weights into engines a worker can serve."""
+"""Turning checkpoints and pretrained weights into engines a worker can serve, or refusing them."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -9,7 +10,18 @@ import torch
 from model import GPT, CheckpointError, Engine, Tokenizer, load_checkpoint, packing
 from model.quantize import quantize
 from service.messages import ModelInfo
-from service.scheduler import Loaded
+
+# Logits of this prompt must be finite before a model is served: weights that overflow in the served
+# precision (or that were garbage to begin with) would otherwise answer nonsense while /health says ready.
+PROBE = "The quick brown fox jumps over the lazy dog."
+
+
+@dataclass
+class Loaded:
+    """A model ready to serve: the engine that runs it and what to call it in responses."""
+
+    engine: Engine
+    info: ModelInfo
 
 
 class ModelLoader:
@@ -30,6 +42,10 @@ class ModelLoader:
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.shape: dict | None = None
+
+    @property
+    def dtype_name(self) -> str:
+        return {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(self.dtype, str(self.dtype))
 
     @property
     def weights(self) -> str:
@@ -72,10 +88,6 @@ class ModelLoader:
         model = GPT.from_pretrained(name_or_path).to(self.device)
         return self._serve(model, ModelInfo(step=None, val_loss=None, checkpoint=Path(name_or_path).name), name_or_path)
 
-    def rebuild(self, loaded: Loaded) -> Loaded:
-        """The same weights behind a fresh engine, after a step failed and left the old one undefined."""
-        return Loaded(Engine(loaded.engine.model, self.tokenizer, self.max_batch_size), loaded.info)
-
     def _serve(self, model: GPT, info: ModelInfo, source) -> Loaded:
         if model.config.vocab_size != self.tokenizer.vocab_size:
             # Prompt tokens beyond a smaller vocabulary would index past the embedding table.
@@ -86,7 +98,18 @@ class ModelLoader:
         model = quantize(model.to(self.dtype).eval(), self.quantization)
         if self.pack:
             model = packing.pack(model)
+        self._probe(model, source)
         return Loaded(Engine(model, self.tokenizer, self.max_batch_size), info)
+
+    def _probe(self, model: GPT, source) -> None:
+        tokens = self.tokenizer.encode(PROBE)[: model.config.block_size]
+        with torch.inference_mode():
+            logits, _ = model(torch.tensor([tokens], device=self.device))
+        if not torch.isfinite(logits).all():
+            raise CheckpointError(
+                f"{source}: the model's logits on a probe prompt are not finite in {self.dtype_name}; "
+                "its weights are broken or overflow this precision"
+            )
 
 
 def _shape(model: GPT) -> dict:

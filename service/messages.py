@@ -1,13 +1,16 @@
 """What the HTTP processes and the inference workers say to each other through LitServe's queues.
 
 A request travels to a worker as a `GenerationRequest`. The worker answers first with `Accepted` or
-`Rejected`, so the HTTP process can choose the status code before it sends any header, then with
+`Refused`, so the HTTP process can choose the status code before it sends any header, then with
 `Chunk`s until one carries a finish reason, or with `Failed` if generation breaks after acceptance.
+Workers say why (a reason and its figures); the HTTP edge (service/errors.py) decides the status
+code, the words and the headers. Cancellations travel on a per-worker control queue as a request id,
+or as `ServerGone` for every request of an HTTP process that died.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from model import SamplingParams
 
@@ -35,6 +38,8 @@ class GenerationRequest:
     # time.monotonic() when the HTTP process received the request: CLOCK_MONOTONIC is one clock for
     # every process on the machine, so the worker can measure queueing and time to first token.
     received_at: float
+    # Which HTTP process holds the client, so that its requests can be cancelled if it dies.
+    api_server: int = 0
 
 
 @dataclass(frozen=True)
@@ -45,12 +50,11 @@ class Accepted:
 
 
 @dataclass(frozen=True)
-class Rejected:
-    status: int
-    message: str
-    code: str
-    param: str | None = None
-    retry_after: int | None = None
+class Refused:
+    """Why a worker did not take a request (a key of service.errors.REASONS) and the figures behind it."""
+
+    reason: str
+    detail: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,16 @@ class Chunk:
 
 @dataclass(frozen=True)
 class Failed:
-    message: str
+    """Generation broke after the request was accepted."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class ServerGone:
+    """HTTP process `api_server` died: nobody is left to read its requests' answers."""
+
+    api_server: int
 
 
 def merge_chunks(messages: list) -> list:

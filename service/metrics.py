@@ -3,15 +3,24 @@
 prometheus_client runs in multiprocess mode: each process writes its samples to files in
 PROMETHEUS_MULTIPROC_DIR (the CLI sets it before this module is first imported) and `/metrics`
 merges them. Gauges say how processes combine: running and waiting requests add up over live
-workers; the served checkpoint is the one most recently loaded.
+workers; the served checkpoint is the one most recently loaded. The `process_*` figures of every
+service process, and what the status board counts in shared memory, are read at scrape time.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from collections.abc import Iterator
 
-from service.proctree import ProcessTreeCollector
+import psutil
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.registry import Collector
+
+from service import metricstore
+
+# Before the first metric opens its file.
+metricstore.install()
 
 # A tiny model answers in a few milliseconds and a large one on a CPU takes seconds: buckets from 1 ms.
 LATENCY_BUCKETS = (
@@ -97,15 +106,88 @@ MODEL_VAL_LOSS = Gauge(
     "Validation loss of the checkpoint being served (NaN when it has none).",
     multiprocess_mode="livemostrecent",
 )
-RELOADS = Counter("gpt_model_reloads", "Checkpoint loads, by result.", ["result"])
+RELOAD_RESULTS = ("success", "failure", "timeout")
+RELOADS = Counter("gpt_model_reloads", "Checkpoint loads, by result (success, failure, timeout).", ["result"])
+MODEL_DTYPE = Gauge(
+    "gpt_model_dtype",
+    "1 for the precision the served weights compute in (--dtype auto measures the candidates), 0 for the others.",
+    ["dtype"],
+    multiprocess_mode="livemax",
+)
+HTTP_TIMEOUTS = Counter(
+    "gpt_http_request_timeouts", "Connections closed because a request did not arrive in full within --request-timeout."
+)
+RESTARTS = Counter("gpt_process_restarts", "Service processes that died and were replaced, by role.", ["role"])
 
 
-def render(root_pid: int, roles: dict[int, str]) -> tuple[bytes, str]:
-    """The text exposition of every service process: merged multiprocess files plus /proc figures."""
+def render(board) -> tuple[bytes, str]:
+    """The text exposition of every service process: merged multiprocess files plus live figures."""
     registry = CollectorRegistry()
     MultiProcessCollector(registry)
-    registry.register(ProcessTreeCollector(root_pid, roles))
+    registry.register(_LiveCollector(board))
     return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def count_storage_failures(board) -> None:
+    """Count on the status board when this process cannot write its metrics files (see metricstore)."""
+
+    def count() -> None:
+        with board.metrics_failures.get_lock():
+            board.metrics_failures.value += 1
+
+    metricstore.on_failure(count)
+
+
+class _LiveCollector(Collector):
+    """Figures read at scrape time: `process_*` of every service process (one series per process,
+    labelled by pid and role, under the standard names) and the status board's shared counters."""
+
+    def __init__(self, board):
+        self.board = board
+
+    def collect(self) -> Iterator:
+        labels = ["pid", "role"]
+        cpu = CounterMetricFamily("process_cpu_seconds", "User and system CPU time spent in seconds.", labels=labels)
+        rss = GaugeMetricFamily("process_resident_memory_bytes", "Resident memory size in bytes.", labels=labels)
+        vms = GaugeMetricFamily("process_virtual_memory_bytes", "Virtual memory size in bytes.", labels=labels)
+        start = GaugeMetricFamily(
+            "process_start_time_seconds", "Start time of the process since unix epoch in seconds.", labels=labels
+        )
+        threads = GaugeMetricFamily("process_threads", "Number of OS threads in the process.", labels=labels)
+        fds = GaugeMetricFamily("process_open_fds", "Number of open file descriptors.", labels=labels)
+        max_fds = GaugeMetricFamily("process_max_fds", "Maximum number of open file descriptors.", labels=labels)
+        roles = self.board.roles()
+        try:
+            root = psutil.Process(self.board.main_pid)
+            tree = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            tree = []
+        for process in tree:
+            try:
+                with process.oneshot():
+                    if process.status() == psutil.STATUS_ZOMBIE:
+                        continue
+                    role = "main" if process.pid == self.board.main_pid else roles.get(process.pid, "helper")
+                    values = [str(process.pid), role]
+                    times, memory = process.cpu_times(), process.memory_info()
+                    cpu.add_metric(values, times.user + times.system)
+                    rss.add_metric(values, memory.rss)
+                    vms.add_metric(values, memory.vms)
+                    start.add_metric(values, process.create_time())
+                    threads.add_metric(values, process.num_threads())
+                    fds.add_metric(values, process.num_fds())
+                    soft = process.rlimit(psutil.RLIMIT_NOFILE)[0]
+                    if soft != psutil.RLIM_INFINITY:
+                        max_fds.add_metric(values, soft)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        yield from (cpu, rss, vms, start, threads, fds, max_fds)
+        yield CounterMetricFamily(
+            "gpt_metrics_storage_failures",
+            "Service processes that could not write their metrics files (a full disk under --metrics-dir); "
+            "their figures are missing from this page.",
+            value=self.board.metrics_failures.value,
+        )
 
 
 def forget_process(pid: int) -> None:

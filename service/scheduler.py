@@ -1,11 +1,12 @@
 """The thread that owns an inference worker's engines and runs continuous batching.
 
 Requests arrive from the worker's asyncio loop (one task per request, fed by LitServe's async
-streaming loop) through `submit`, which answers at once with `Accepted` or `Rejected`. The
-scheduler thread sleeps on a condition while there is nothing to do, so an idle worker costs no
-CPU; otherwise it admits new requests and steps every engine by one token, handing each request's
-`Chunk`s to its sink as they are produced. A request leaves the batch the step it finishes and a
-new one joins at the next step.
+streaming loop) through `submit`, which answers at once with `Accepted` or `Refused` (a reason and its
+figures; the HTTP edge words it). The scheduler thread sleeps on a condition while there is nothing
+to do, so an idle worker costs no CPU; otherwise it admits new requests and steps every engine by one
+token, handing each request's `Chunk`s to its sink as they are produced. A request leaves the batch
+the step it finishes and a new one joins at the next step. After every step it tells the status
+board that it moved, so that a stopped or hung worker is seen from outside.
 
 Hot reload: `install` makes a new engine current. Requests accepted before keep running on the
 engine (and weights) they were accepted by; each engine with work is stepped until it drains and
@@ -23,19 +24,13 @@ from dataclasses import dataclass
 
 from model import ContextLengthError, Engine
 from service import metrics
-from service.messages import FINISH_ABORT, Accepted, Chunk, Failed, GenerationRequest, ModelInfo, Rejected
+from service.loading import Loaded
+from service.messages import FINISH_ABORT, Accepted, Chunk, Failed, GenerationRequest, Refused, ServerGone
+from service.status import StatusBoard
 
 log = logging.getLogger(__name__)
 
 Sink = Callable[[object], None]
-
-
-@dataclass
-class Loaded:
-    """A model ready to serve: the engine that runs it and what to call it in responses."""
-
-    engine: Engine
-    info: ModelInfo
 
 
 @dataclass
@@ -49,23 +44,16 @@ class Tracked:
 
 
 class Scheduler:
-    def __init__(
-        self,
-        worker_id: int,
-        max_queued: int,
-        batch_wait: float,
-        unavailable: str,
-        rebuild: Callable[[Loaded], Loaded],
-    ):
+    def __init__(self, worker_id: int, max_queued: int, board: StatusBoard, checkpoint: str):
         self.worker_id = worker_id
         self.max_queued = max_queued
-        self.batch_wait = batch_wait
-        self.unavailable = unavailable
-        self._rebuild = rebuild
+        self.board = board
+        self.checkpoint = checkpoint
         self._cond = threading.Condition()
         self._current: Loaded | None = None
         self._inbox: list[Tracked] = []
-        self._cancels: set[str] = set()
+        self._cancels: list[str | ServerGone] = []
+        self._busy = False
         # Owned by the scheduler thread.
         self._requests: dict[str, Tracked] = {}
         self._active: list[Loaded] = []
@@ -74,9 +62,8 @@ class Scheduler:
     # Called from other threads.
 
     @property
-    def serving(self) -> ModelInfo | None:
-        current = self._current
-        return current.info if current else None
+    def serving(self) -> Loaded | None:
+        return self._current
 
     def start(self) -> None:
         self._thread.start()
@@ -87,44 +74,34 @@ class Scheduler:
             self._current = loaded
             self._cond.notify()
 
-    def submit(self, request: GenerationRequest, sink: Sink) -> Accepted | Rejected:
+    def submit(self, request: GenerationRequest, sink: Sink) -> Accepted | Refused:
         """Accept a request (its chunks then go to `sink`, from the scheduler thread) or say why not."""
         with self._cond:
             loaded = self._current
             if loaded is None:
-                return Rejected(503, self.unavailable, code="model_not_ready")
+                return Refused("not_ready", {"path": self.checkpoint})
             engine = loaded.engine
             try:
                 engine.check_fits(len(request.prompt), request.params.max_new_tokens)
             except ContextLengthError:
-                return Rejected(
-                    422,
-                    f"the prompt's {len(request.prompt)} tokens plus {request.params.max_new_tokens} new tokens "
-                    f"exceed the model's context of {engine.max_seq_len} tokens",
-                    code="context_length_exceeded",
-                    param="prompt",
-                )
-            except ValueError as e:
-                return Rejected(422, str(e), code="invalid_prompt", param="prompt")
+                detail = {"prompt_tokens": len(request.prompt), "max_new_tokens": request.params.max_new_tokens}
+                return Refused("too_long", {**detail, "context": engine.max_seq_len})
             inbox = sum(1 for t in self._inbox if t.loaded is loaded)
             # Counts read while the scheduler thread steps are at most one step old: close enough for a bound.
             held = inbox + engine.num_running + engine.num_waiting
             if held >= engine.max_batch_size + self.max_queued:
-                return Rejected(
-                    429,
-                    f"the worker already holds {held} requests (a batch of {engine.max_batch_size} "
-                    f"and a queue of {self.max_queued}); retry later",
-                    code="queue_full",
-                    retry_after=1,
-                )
+                return Refused("queue_full", {"held": held, "batch": engine.max_batch_size, "queue": self.max_queued})
             self._inbox.append(Tracked(request, sink, loaded))
+            if not self._busy:
+                self._busy = True
+                self.board.progress(self.worker_id, busy=True)
             self._cond.notify()
         return Accepted(self.worker_id, os.getpid(), loaded.info)
 
-    def cancel(self, request_id: str) -> None:
-        """Stop a request whose client went away; its row is freed at the next step."""
+    def cancel(self, what: str | ServerGone) -> None:
+        """Stop a request whose client went away (or every request of a dead HTTP server) at the next step."""
         with self._cond:
-            self._cancels.add(request_id)
+            self._cancels.append(what)
             self._cond.notify()
 
     # The scheduler thread.
@@ -142,33 +119,25 @@ class Scheduler:
         while True:
             with self._cond:
                 while not (self._inbox or self._cancels or self._has_work()):
+                    if self._busy:
+                        self._busy = False
+                        self.board.progress(self.worker_id, busy=False)
                     self._cond.wait()
-                self._wait_for_batch()
                 inbox, self._inbox = self._inbox, []
-                cancels, self._cancels = self._cancels, set()
+                cancels, self._cancels = self._cancels, []
             for tracked in inbox:
                 self._admit(tracked)
-            for request_id in cancels:
-                self._cancel(request_id)
+            for what in cancels:
+                self._cancel(what)
             for loaded in list(self._active):
                 self._step(loaded)
             self._active = [a for a in self._active if a.engine.has_work()]
+            self.board.progress(self.worker_id, busy=True)
             metrics.RUNNING.set(sum(a.engine.num_running for a in self._active))
             metrics.WAITING.set(sum(a.engine.num_waiting for a in self._active))
 
     def _has_work(self) -> bool:
         return any(a.engine.has_work() for a in self._active)
-
-    def _wait_for_batch(self) -> None:
-        """When idle, give a burst of requests `batch_wait` seconds to arrive and share the first prefill."""
-        if self.batch_wait <= 0 or self._has_work() or not self._inbox or self._current is None:
-            return
-        deadline = time.monotonic() + self.batch_wait
-        while len(self._inbox) < self._current.engine.max_batch_size:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            self._cond.wait(left)
 
     def _admit(self, tracked: Tracked) -> None:
         request = tracked.request
@@ -177,10 +146,14 @@ class Scheduler:
         if tracked.loaded not in self._active:
             self._active.append(tracked.loaded)
 
-    def _cancel(self, request_id: str) -> None:
-        tracked = self._requests.pop(request_id, None)
-        if tracked is not None:
-            tracked.loaded.engine.cancel(request_id)
+    def _cancel(self, what: str | ServerGone) -> None:
+        if isinstance(what, ServerGone):
+            gone = [t for t in self._requests.values() if t.request.api_server == what.api_server]
+        else:
+            gone = [self._requests[what]] if what in self._requests else []
+        for tracked in gone:
+            del self._requests[tracked.request.request_id]
+            tracked.loaded.engine.cancel(tracked.request.request_id)
             _deliver(tracked, Chunk("", 0, FINISH_ABORT))
 
     def _step(self, loaded: Loaded) -> None:
@@ -188,7 +161,7 @@ class Scheduler:
         try:
             events = loaded.engine.step()
         except Exception:
-            log.exception("decode step failed; failing the requests of its batch and rebuilding the engine")
+            log.exception("decode step failed; failing the requests of its batch and starting a fresh engine")
             self._fail(loaded)
             return
         now = time.monotonic()
@@ -211,17 +184,22 @@ class Scheduler:
             _deliver(tracked, Chunk(event.text, 1, event.finish_reason))
 
     def _fail(self, loaded: Loaded) -> None:
-        """Fail every request of an engine whose step raised; a current engine is rebuilt fresh."""
+        """Fail every request of an engine whose step raised; a current engine is replaced by a fresh one
+        over the same weights, since a failed step leaves the old one's batch undefined."""
+        fresh = None
+        if self._current is loaded:
+            old = loaded.engine
+            fresh = Loaded(Engine(old.model, old.tokenizer, old.max_batch_size, old.max_seq_len), loaded.info)
         with self._cond:
             queued = [t for t in self._inbox if t.loaded is loaded]
             self._inbox = [t for t in self._inbox if t.loaded is not loaded]
-            if self._current is loaded:
-                self._current = self._rebuild(loaded)
+            if fresh is not None and self._current is loaded:
+                self._current = fresh
         running = [t for t in self._requests.values() if t.loaded is loaded]
         for tracked in running:
             del self._requests[tracked.request.request_id]
         for tracked in running + queued:
-            _deliver(tracked, Failed("generation failed inside the inference worker"))
+            _deliver(tracked, Failed("generation_failed"))
         self._active.remove(loaded)
 
 

@@ -82,14 +82,16 @@ class CompletionRequest(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
     model: str
-    prompt: str = Field(min_length=1)
+    # OpenAI accepts an empty prompt: the model then writes a new document, from end-of-text.
+    prompt: str
     max_tokens: int | None = Field(16, ge=1)
     temperature: float | None = Field(1.0, ge=0, allow_inf_nan=False)
     top_p: float | None = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=1)
     # vLLM's extension: generate max_tokens tokens even past an end-of-text (benchmarks want fixed lengths).
     ignore_eos: bool = False
-    stop: StopString | list[StopString] | None = Field(None, max_length=MAX_STOP)
+    # OpenAI takes one stop string or a list of up to four (the bound is the list's, not the string's length).
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     seed: Seed | None = None

@@ -1,45 +1,23 @@
-"""Assembling the LitServe server and running it until SIGTERM or Ctrl-C has drained it."""
+"""Assembling the service (routes, inference API, LitServe server) and running it until it has drained."""
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import resource
 
-import litserve as ls
 import torch
 
 from model import resolve_device
-from service import signals
+from service import bridge, errors, metrics, signals
 from service.access import AccessLog
 from service.api import GenerationAPI
-from service.board import Board, RegisterApiServer
-from service.probes import probes
+from service.routes import Routes, document_request_bodies
 from service.settings import ServiceSettings
-from service.spec import document_request_bodies
+from service.status import StatusBoard
 
 
-class Server(ls.LitServer):
-    """LitServer whose shutdown drains every HTTP server at once and leaves no worker behind."""
-
-    _stopping = False
-
-    def launch_single_inference_worker(self, lit_api, worker_id):
-        # LitServe's worker monitor respawns dead workers, the ones a shutdown is stopping included.
-        if self._stopping:
-            return self.inference_workers[worker_id]
-        return super().launch_single_inference_worker(lit_api, worker_id)
-
-    def _perform_graceful_shutdown(self, manager, uvicorn_workers, shutdown_reason="normal"):
-        self._stopping = True
-        # LitServe stops the HTTP servers one after another, each draining up to the timeout while
-        # the others still take new requests: signal them all first so they stop accepting together.
-        for worker in uvicorn_workers.values():
-            if isinstance(worker, mp.Process) and worker.is_alive():
-                worker.terminate()
-        super()._perform_graceful_shutdown(manager, uvicorn_workers, shutdown_reason)
-
-
-def build(settings: ServiceSettings) -> Server:
+def build(settings: ServiceSettings) -> bridge.Server:
     """The server for `settings`; ValueError if they do not fit this machine."""
     device = resolve_device(settings.device)
     if settings.quantize != "none" and device.type != "cpu":
@@ -48,31 +26,45 @@ def build(settings: ServiceSettings) -> Server:
         devices = [device.index] if device.index is not None else list(range(torch.cuda.device_count()))
     else:
         devices = [0]
-    board = Board(workers=len(devices) * settings.workers, api_servers=settings.api_servers)
-    server = Server(
-        GenerationAPI(settings, board),
+    board = StatusBoard(workers=len(devices) * settings.workers, api_servers=settings.api_servers)
+    metrics.count_storage_failures(board)
+    # One cancel channel per worker: LitServe has no way to tell a worker that a client left.
+    controls = [mp.get_context("spawn").Queue() for _ in range(board.num_workers)]
+    spec = bridge.RouteSpec()
+    Routes(settings, board, controls, spec)
+    api = GenerationAPI(settings, board, controls, spec)
+    server = bridge.Server(
+        api,
         accelerator=device.type,
         devices=devices if device.type == "cuda" else 1,
         workers_per_device=settings.workers,
         timeout=settings.queue_timeout,
         # /health is the service's readiness (a model is served); LitServe's own (workers are up) is liveness.
         healthcheck_path="/live",
-        middlewares=[(AccessLog, {}), (RegisterApiServer, {"board": board})],
-        # A worker that dies is replaced; requests it held fail with 503 (see calls.py).
+        middlewares=[(AccessLog, {}), (bridge.RegisterApiServer, {"board": board})],
+        # A worker that dies is replaced; requests it held fail with 503 (see bridge.WorkerCall).
         restart_workers=True,
+        request_timeout=settings.request_timeout,
+        drain_timeout=settings.drain_timeout,
+        on_http_death=api.http_server_died,
     )
-    server.uvicorn_graceful_timeout = settings.drain_timeout
-    server.app.include_router(probes(settings, board))
+    errors.install_handlers(server.app)
+    # A redirect to the slash-less path would be built from the client's Host header.
+    server.app.router.redirect_slashes = False
     document_request_bodies(server.app)
     return server
 
 
-def serve(server: Server, settings: ServiceSettings) -> None:
+def serve(server: bridge.Server, settings: ServiceSettings) -> int:
+    """Run until SIGTERM or Ctrl-C has drained the service; return its exit status (0: a clean drain)."""
     main_pid = os.getpid()
-    # HTTP servers and LitServe's manager are forked from here: they must not outlive this process,
-    # nor inherit the SIGTERM handler meant for it.
+    # HTTP servers and LitServe's manager are forked from here: they must not outlive this process, nor
+    # inherit the SIGTERM handler meant for it.
     os.register_at_fork(after_in_child=lambda: signals.forked_child(main_pid))
     signals.interrupt_on_sigterm()
+    # A connection is a file descriptor: take as many as the system allows, not the shell's default.
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     server.run(
         host=settings.host,
         port=settings.port,
@@ -81,3 +73,4 @@ def serve(server: Server, settings: ServiceSettings) -> None:
         generate_client_file=False,
         access_log=False,  # service.access logs every request, with its id and token counts
     )
+    return server.exit_status

@@ -82,9 +82,6 @@ class ServiceSettings(BaseSettings):
         "the first and last tokens never wait). Each event costs CPU on its way out, as much as a small "
         "model's decode step.",
     )
-    batch_wait: float = Field(
-        0.0, ge=0, le=1, description="Seconds an idle worker waits for more requests before its first prefill."
-    )
 
     # Limits
     max_new_tokens: int = Field(1024, ge=1, description="Largest max_new_tokens (max_tokens) a request may ask for.")
@@ -97,7 +94,28 @@ class ServiceSettings(BaseSettings):
         30.0, gt=0, description="Seconds a request may wait for an inference worker to pick it up before it fails."
     )
     drain_timeout: float = Field(
-        30.0, ge=0, description="Seconds running requests get to finish after SIGTERM or Ctrl-C."
+        30.0,
+        ge=0,
+        description="Seconds running requests get to finish after SIGTERM or Ctrl-C; requests still running then "
+        "end with an error event and the service exits with status 1.",
+    )
+    request_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds a request's headers and body may take to arrive; slower ones get 408 and their "
+        "connection is closed.",
+    )
+    stall_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds a worker holding requests may go without progress (stopped, hung) before its requests "
+        "fail with 503 and /health reports it stalled.",
+    )
+    load_timeout: float = Field(
+        120.0,
+        gt=0,
+        description="Seconds a checkpoint load may take; a slower one is given up (counted as a timeout) and the "
+        "previous model keeps serving.",
     )
     api_key: SecretStr | None = Field(
         None,
@@ -121,9 +139,9 @@ class ServiceSettings(BaseSettings):
         return None if value == "" else value
 
     @property
-    def waiting_message(self) -> str:
-        """What readiness and generation answer while no model is loaded yet."""
-        return f"waiting for a checkpoint in {self.checkpoint_dir.resolve()} ({self.checkpoint_name} not loaded yet)"
+    def checkpoint_path(self) -> Path:
+        """The served checkpoint file."""
+        return self.checkpoint_dir.resolve() / self.checkpoint_name
 
     def worker_threads(self, workers: int) -> int:
         """Torch threads for each of `workers` inference workers."""

@@ -62,6 +62,24 @@ def stop_group(process: subprocess.Popen, timeout: float = 30.0) -> int:
         return process.wait()
 
 
+def tree(pid: int) -> list[psutil.Process]:
+    """`pid` and every live process below it."""
+    root = psutil.Process(pid)
+    return [p for p in (root, *root.children(recursive=True)) if _running(p)]
+
+
+def cpu_seconds(processes: list[psutil.Process]) -> float:
+    """User and system CPU time of the processes that still run."""
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
 def survivors() -> list[str]:
     """Kill and describe every process below this one that is still alive (zombies are reaped)."""
     for process in _started:

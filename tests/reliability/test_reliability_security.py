@@ -16,14 +16,14 @@ import struct
 from pathlib import Path
 
 import httpx
+import processes
 import pytest
 from servicekit import API_KEY, publish
 
-from service.proctree import descendants
 
 ROOT = Path(__file__).resolve().parents[2]
 OPEN_ROUTES = {"/", "/live", "/info", "/health", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
-GENERATION_ROUTES = {"/predict": "POST", "/v1/completions": "POST", "/v1/models": "GET"}
+GENERATION_ROUTES = {"/predict": "POST", "/v1/completions": "POST", "/v1/models": "GET", "/v1/models/{model_id}": "GET"}
 WRONG_KEY = "wrong-key-that-must-not-leak-5f2b"
 NEAR_MISSES = [None, f"Bearer {WRONG_KEY}", f"Bearer {API_KEY[:-1]}", f"Bearer {API_KEY}x", f"Bearer {API_KEY.upper()}",
                f"Token {API_KEY}", API_KEY, f"Bearer  {API_KEY[1:]}"]  # fmt: skip
@@ -34,6 +34,10 @@ def route_table(service) -> set[str]:
     return set(httpx.get(service.url + "/openapi.json").json()["paths"]) | {"/openapi.json"}
 
 
+def method(path: str) -> str:
+    return GENERATION_ROUTES.get(path) or GENERATION_ROUTES["/v1/models/{model_id}"]
+
+
 def test_every_route_is_either_open_or_needs_the_key(reliable):
     routes = route_table(reliable)
     assert routes - OPEN_ROUTES == set(GENERATION_ROUTES), "classify the new route here: open, or behind the key"
@@ -41,7 +45,7 @@ def test_every_route_is_either_open_or_needs_the_key(reliable):
 
 @pytest.mark.parametrize(
     "path, stream", [("/predict", False), ("/predict", True), ("/v1/completions", False),
-                     ("/v1/completions", True), ("/v1/models", False)]  # fmt: skip
+                     ("/v1/completions", True), ("/v1/models", False), ("/v1/models/gpt", False)]  # fmt: skip
 )
 def test_generation_routes_refuse_every_near_miss_key_before_generating(reliable, path, stream):
     body = {"prompt": "Let me in", "max_new_tokens": 2, "stream": stream}
@@ -50,13 +54,13 @@ def test_generation_routes_refuse_every_near_miss_key_before_generating(reliable
     generated = reliable.metrics().get("gpt_generation_tokens_total")
     for authorization in NEAR_MISSES:
         headers = {"authorization": authorization} if authorization else {}
-        response = httpx.request(GENERATION_ROUTES[path], reliable.url + path, headers=headers, json=body)
+        response = httpx.request(method(path), reliable.url + path, headers=headers, json=body)
         assert response.status_code == 401, (authorization, response.text)
         assert response.json()["error"]["code"] == "invalid_api_key"
         assert "data:" not in response.text
     assert reliable.metrics().get("gpt_generation_tokens_total") == generated
     # The right key, for contrast.
-    response = httpx.request(GENERATION_ROUTES[path], reliable.url + path, headers=reliable.headers, json=body)
+    response = httpx.request(method(path), reliable.url + path, headers=reliable.headers, json=body)
     assert response.status_code == 200, response.text
 
 
@@ -70,7 +74,7 @@ def test_no_key_appears_in_logs_metrics_answers_or_process_listings(reliable):
     answers = {path: httpx.get(reliable.url + path, headers=reliable.headers).text
                for path in ("/metrics", "/health", "/info", "/openapi.json", "/v1/models", "/")}  # fmt: skip
     listings = {p.pid: Path(f"/proc/{p.pid}/cmdline").read_bytes().decode(errors="replace")
-                for p in descendants(reliable.process.pid)}  # fmt: skip
+                for p in processes.tree(reliable.process.pid)}  # fmt: skip
     for key in (API_KEY, WRONG_KEY):
         assert key not in reliable.log()
         for path, text in answers.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -32,8 +33,9 @@ def test_weights_packed_for_the_cpu_answer_what_plain_weights_answer(served, lau
     ]
     for request in requests:
         assert served.predict(**request)["text"] == plain.predict(**request)["text"]
-    assert "serves float32 weights, packed for oneDNN on cpu" in served.log()
-    assert "serves float32 weights, plain on cpu" in plain.log()
+    # The precision is --dtype auto's choice on this machine; the layout is the point here.
+    assert re.search(r"serves \w+ weights, packed for oneDNN on cpu", served.log())
+    assert re.search(r"serves \w+ weights, plain on cpu", plain.log())
 
 
 def test_a_seed_reproduces_and_another_seed_differs(served):

@@ -12,10 +12,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import processes
 import pytest
 from servicekit import publish, tiny_model, wait_for
 
-from service.proctree import alive, descendants
+from service.status import alive
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +43,11 @@ def test_init_weights_are_served_until_a_checkpoint_appears(service, hf_dir):
 
 
 def test_an_idle_service_uses_almost_no_cpu(service):
-    root = service.process.pid
+    service_processes = processes.tree(service.process.pid)
     window = 3.0
-    before = sum(p.cpu_seconds for p in descendants(root))
+    before = processes.cpu_seconds(service_processes)
     time.sleep(window)  # a measurement window, not a synchronisation
-    used = sum(p.cpu_seconds for p in descendants(root)) - before
+    used = processes.cpu_seconds(service_processes) - before
     assert used < 0.05 * window, f"{used:.2f} s of CPU in {window} s idle"
 
 
@@ -101,16 +102,16 @@ def test_sigterm_drains_and_leaves_no_process(launch, tmp_path):
 def test_no_process_outlives_a_killed_main_process(launch, tmp_path):
     publish(tmp_path, step=4)
     service = launch(tmp_path)
-    processes = [p.pid for p in descendants(service.process.pid)]
+    pids = [p.pid for p in processes.tree(service.process.pid)]
     service.process.kill()
     service.process.wait(timeout=10)
-    wait_for(lambda: not any(alive(pid) for pid in processes), 10, message="every service process to exit")
+    wait_for(lambda: not any(alive(pid) for pid in pids), 10, message="every service process to exit")
 
 
 def assert_drains(service, stop):
     """Stop the service mid-request: the request completes, new ones are not served, nothing remains."""
-    processes = [p.pid for p in descendants(service.process.pid)]
-    assert len(processes) >= 4  # main, HTTP server(s), inference worker, LitServe's manager
+    pids = [p.pid for p in processes.tree(service.process.pid)]
+    assert len(pids) >= 4  # main, HTTP server(s), inference worker, LitServe's manager
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(service.stream, prompt="Finish me", max_new_tokens=600)
         wait_for(lambda: service.metrics().get("gpt_num_requests_running") == 1, 10, message="the request")
@@ -120,7 +121,7 @@ def assert_drains(service, stop):
     assert events[-1][1]["finish_reason"] == "length"
     assert events[-1][1]["usage"]["completion_tokens"] == 600
     assert service.process.wait(timeout=60) == 0
-    wait_for(lambda: not any(alive(pid) for pid in processes), 10, message="every service process to exit")
+    wait_for(lambda: not any(alive(pid) for pid in pids), 10, message="every service process to exit")
 
 
 def refused(service) -> bool:
