@@ -99,3 +99,27 @@ def test_completion_stream_is_server_sent_events_ending_in_done(served):
     assert 1 <= len(chunks) <= 4
     assert {chunk["object"] for chunk in chunks} == {"text_completion"}
     assert [chunk["choices"][0]["finish_reason"] for chunk in chunks] == [None] * (len(chunks) - 1) + ["length"]
+
+
+def test_a_single_stop_string_of_any_length_ends_the_text_before_it(client):
+    request = dict(model="gpt", prompt="Stop me", max_tokens=40, temperature=0)
+    text = client.completions.create(**request).choices[0].text
+    marker = text[10:17]
+    assert len(marker) == 7
+    stopped = client.completions.create(**request, stop=marker).choices[0]
+    assert stopped.finish_reason == "stop" and stopped.text == text[: text.index(marker)]
+    assert client.completions.create(**request, stop="###END").choices[0].text == text
+
+
+def test_models_retrieve_names_the_served_model(client):
+    model = client.models.retrieve("gpt")
+    assert model.id == "gpt" and model.object == "model" and model.owned_by == "gpt-service"
+    with pytest.raises(openai.NotFoundError) as raised:
+        client.models.retrieve("gpt-4")
+    assert raised.value.body["code"] == "model_not_found"
+
+
+def test_an_empty_prompt_starts_a_new_document(client):
+    completion = client.completions.create(model="gpt", prompt="", max_tokens=12, seed=3)
+    assert completion.usage.prompt_tokens == 1  # end-of-text, which every document follows
+    assert completion.usage.completion_tokens == 12 and completion.choices[0].text

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import socket
+
 import httpx
 import pytest
 
@@ -137,3 +140,60 @@ def test_openapi_describes_the_request_bodies(served):
     completions = paths["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert {"model", "prompt", "max_tokens", "top_k", "stream_options"} <= set(completions["properties"])
     assert "$ref" not in str(completions)
+
+
+def raw_request(served, data: bytes) -> tuple[int, dict]:
+    """Send bytes as they are (no client library would send them) and read the status and JSON body."""
+    host, port = served.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as connection:
+        connection.sendall(data)
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_unknown_routes_wrong_methods_and_malformed_http_answer_in_openai_shape(served):
+    error = error_of(httpx.get(served.url + "/no/such/route"), 404)
+    assert error["code"] == "not_found" and "/no/such/route" in error["message"]
+    error = error_of(httpx.delete(served.url + "/predict"), 405)
+    assert error["code"] == "method_not_allowed"
+    status, body = raw_request(served, b"THIS IS NOT HTTP\r\n\r\n")
+    assert status == 400 and body["error"]["code"] == "bad_request" and body["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    "content_type", [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"]
+)
+def test_bodies_that_are_not_json_are_refused_before_generating(served, content_type):
+    # What a cross-site form can send without the browser asking the service first.
+    headers = {"authorization": f"Bearer {served.api_key}"} | ({"content-type": content_type} if content_type else {})
+    generated = served.metrics().get("gpt_generation_tokens_total")
+    response = httpx.post(served.url + "/predict", content=b'{"prompt": "hi"}', headers=headers)
+    error = error_of(response, 415)
+    assert "application/json" in error["message"]
+    assert served.metrics().get("gpt_generation_tokens_total") == generated
+
+
+def test_a_trailing_slash_is_not_redirected_to_the_clients_host(served):
+    headers = {**served.headers, "host": "attacker.example"}
+    response = httpx.post(served.url + "/predict/", json={"prompt": "hi"}, headers=headers)
+    error_of(response, 404)
+    assert "location" not in response.headers
+
+
+def test_request_headers_are_bounded_in_number_and_size(served):
+    many = b"".join(b"x-filler-%d: 1\r\n" % i for i in range(150))
+    status, body = raw_request(served, b"GET /health HTTP/1.1\r\nhost: x\r\n" + many + b"\r\n")
+    assert status == 431 and body["error"]["code"] == "too_many_headers"
+    status, body = raw_request(served, b"GET /health HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 20_000 + b"\r\n\r\n")
+    assert status == 431 and body["error"]["code"] == "headers_too_large"
+    assert httpx.get(served.url + "/health", headers={f"x-{i}": "1" for i in range(50)}).status_code == 200
+
+
+def test_a_prompt_too_long_to_fit_is_refused_by_its_size_before_tokenizing(served):
+    # 50,000 digits: under the 64 KiB body limit, over what 300 tokens of at most 128 characters can hold.
+    with served.client() as client:
+        error = error_of(client.post("/predict", json={"prompt": "7" * 50_000}), 422)
+    assert error["param"] == "prompt" and "50000 characters cannot fit the limit of 300 tokens" in error["message"]
