@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from model.loss import linear_cross_entropy
+
 PRESETS: dict[str, dict[str, int]] = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024),
@@ -219,18 +221,25 @@ class GPT(nn.Module):
         return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """Logits for every position of `idx` (B, T) and, given targets, the mean cross-entropy."""
+        """(logits for every position of `idx` (B, T), None), or given targets (None, mean cross-entropy).
+
+        With targets the logits are never materialised: the loss comes a block of rows at a time
+        (model/loss.py), which is most of a training step's time and memory.
+        """
         T = idx.shape[1]
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds the context of {self.config.block_size}")
         x = self._embed(idx, torch.arange(T, device=idx.device))
         for block in self.transformer.h:
             x = block(x)
-        logits = self._logits(x)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
-        return logits, loss
+        if targets is None:
+            return self._logits(x), None
+        if not isinstance(self.lm_head, nn.Linear):  # a packed or quantized head holds no plain weight matrix
+            return None, F.cross_entropy(self._logits(x).flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+        weight = self.lm_head.weight
+        if weight.shape[0] > self.config.vocab_size:  # padding rows, never trained towards
+            weight = weight[: self.config.vocab_size]
+        return None, linear_cross_entropy(self.transformer.ln_f(x).flatten(0, 1), weight, targets.flatten())
 
     def prefill(self, idx: torch.Tensor, lengths: torch.Tensor, cache: KVCache, rows: torch.Tensor):
         """Run right-padded prompts `idx` (N, T) into cache `rows`; return logits at each last real token."""
