@@ -1,9 +1,14 @@
 """Batched generation over a preallocated KV cache, with requests joining and leaving between steps.
 
-`Engine.step()` admits waiting requests (one right-padded prefill that yields their first token)
+`Engine.step()` admits waiting requests (a prefill of each prompt, which yields its first token)
 and advances every running request by one token (one decode pass over the batch). Per-request
 state lives in `Sequence` objects beside the batched tensors in `Batch`, the way Text Generation
 Inference keeps its batches: finished rows are filtered out and new ones concatenated in.
+
+Batch invariance: the numbers a request's tokens are drawn from do not depend on which requests
+share its steps. Prompts are prefilled one by one (padding would change the kernels' shapes),
+decode attention spans exactly each row's prefix (`model.gpt.decode_runs`), and the decode batch's
+matrix products see only row counts whose per-row results their kernels keep (`decode_groups`).
 """
 
 from __future__ import annotations
@@ -17,12 +22,36 @@ from dataclasses import dataclass, field
 
 import torch
 
+import torch.nn as nn
+
 from model.gpt import GPT, KVCache
 from model.sampling import sample
 from model.tokenizer import EOT_TOKEN, TextStream, Tokenizer
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
+
+
+# Row counts, from fewest to most, within which the CPU matrix kernels give every row the same bits
+# whatever the count (measured per layout by tests/model/test_model_invariance.py). oneDNN computes
+# one row differently from two (fp32, 3072-wide inputs) and changes kernels again at 33 rows (bf16);
+# MKL's plain fp32 product has three regimes, one row, a few (up to 2 to 15, by width) and more.
+ROW_RANGE = (2, 32)
+PLAIN_FP32_ROW_RANGE = (16, 64)
+
+
+def row_range(model: nn.Module) -> tuple[int, int]:
+    """The decode row counts whose per-row results `model`'s linear layers keep (see ROW_RANGE)."""
+    plain_fp32 = any(isinstance(m, nn.Linear) and m.weight.dtype == torch.float32 for m in model.modules())
+    return PLAIN_FP32_ROW_RANGE if plain_fp32 else ROW_RANGE
+
+
+def decode_groups(rows: int, fewest: int, most: int) -> list[range]:
+    """Split `rows` batch entries into near-equal groups of at most `most` (a group under `fewest`
+    rows, only ever the one group of a small batch, is padded up to it)."""
+    count = -(-rows // most)
+    bounds = [rows * i // count for i in range(count + 1)]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
 class ContextLengthError(ValueError):
@@ -149,6 +178,7 @@ class Engine:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.cache = KVCache(self.config, max_batch_size, self.max_seq_len, self.dtype, self.device)
+        self.row_range = row_range(model)
         self.batch = Batch(self.device)
         self.waiting: deque[Sequence] = deque()
         self._auto_ids = itertools.count()
@@ -216,10 +246,14 @@ class Engine:
 
     def _decode(self) -> list[TokenEvent]:
         seqs = self.batch.sequences
-        tokens = torch.tensor([s.tokens[-1] for s in seqs], device=self.device)
-        positions = [s.position for s in seqs]
-        pos = torch.tensor(positions, device=self.device)
-        logits = self.model.decode(tokens, pos, self.cache, span=max(positions) + 1)
+        fewest, most = self.row_range
+        logits = []
+        for group in decode_groups(len(seqs), fewest, most):
+            tokens = [seqs[i].tokens[-1] for i in group] + [EOT_TOKEN] * (fewest - len(group))
+            idx = torch.tensor(tokens, device=self.device)
+            positions = [seqs[i].position for i in group]
+            logits.append(self.model.decode(idx, list(group), positions, self.cache)[: len(group)])
+        logits = logits[0] if len(logits) == 1 else torch.cat(logits)
         return self._sample(seqs, logits, self.batch.sampling_tensors())
 
     def _prefill(self) -> list[TokenEvent]:
@@ -228,13 +262,10 @@ class Engine:
         if not admitted:
             return []
         first = len(self.batch)
-        lengths = [len(s.prompt) for s in admitted]
-        padded = torch.zeros(len(admitted), max(lengths), dtype=torch.long)
-        for i, s in enumerate(admitted):
-            padded[i, : lengths[i]] = torch.tensor(s.prompt)
-        rows = torch.arange(first, first + len(admitted), device=self.device)
-        lengths_t = torch.tensor(lengths, device=self.device)
-        logits = self.model.prefill(padded.to(self.device), lengths_t, self.cache, rows)
+        logits = torch.cat([
+            self.model.prefill(torch.tensor(s.prompt, device=self.device), self.cache, first + i)
+            for i, s in enumerate(admitted)
+        ])  # fmt: skip
         self.batch.extend(admitted)
         return self._sample(admitted, logits, sampling_tensors(admitted, self.device))
 

@@ -1,8 +1,9 @@
 """The GPT-2 network: one readable file, a dataclass config, no framework magic.
 
 Besides the training forward pass (`GPT.forward`, the seed's contract) the network exposes the two
-inference passes the generation engine is built from: `prefill` (a right-padded batch of prompts
-written into KV-cache rows) and `decode` (one new token for each of the first B cache rows).
+inference passes the generation engine is built from: `prefill` (one prompt written into a KV-cache
+row) and `decode` (one new token for each of a batch of cache rows, each attending over exactly its
+own prefix, so that no row's numbers depend on the others).
 """
 
 from __future__ import annotations
@@ -100,6 +101,22 @@ class KVCache(nn.Module):
         return self.k.shape[3]
 
 
+def decode_runs(rows: list[int], positions: list[int]) -> list[tuple[int, int, int, int]]:
+    """Group a decode batch for attention: (first, end, first cache row, positions attended) per run.
+
+    A run is neighbouring batch entries on consecutive cache rows at one position, so its keys are
+    one slice of the cache. Within a run each row is reduced exactly as it would be alone: CPU
+    attention works row by row and head by head, checked in tests/model/test_model_invariance.py.
+    """
+    runs = []
+    for i, (row, position) in enumerate(zip(rows, positions)):
+        if runs and runs[-1][3] == position + 1 and runs[-1][2] + (i - runs[-1][0]) == row:
+            runs[-1] = (runs[-1][0], i + 1, runs[-1][2], position + 1)
+        else:
+            runs.append((i, i + 1, row, position + 1))
+    return runs
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -124,25 +141,29 @@ class CausalSelfAttention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         return self._merge(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True))
 
-    def prefill(self, x: torch.Tensor, cache: KVCache, layer: int, rows: torch.Tensor) -> torch.Tensor:
+    def prefill(self, x: torch.Tensor, cache: KVCache, layer: int, row: int) -> torch.Tensor:
         q, k, v = self._heads(x)
         T = x.shape[1]
-        cache.k[layer, rows, :, :T] = k
-        cache.v[layer, rows, :, :T] = v
-        # Right padding keeps each row's real tokens causal among themselves; what the padding
-        # writes past a row's length is masked in decode and overwritten as the row grows.
+        cache.k[layer, row, :, :T] = k[0]
+        cache.v[layer, row, :, :T] = v[0]
         return self._merge(F.scaled_dot_product_attention(q, k, v, is_causal=True))
 
-    def decode(self, x: torch.Tensor, cache: KVCache, layer: int, pos: torch.Tensor, mask: torch.Tensor):
+    def decode(self, x: torch.Tensor, cache: KVCache, layer: int, rows: torch.Tensor, pos: torch.Tensor, runs):
         q, k, v = self._heads(x)
-        B = x.shape[0]
-        rows = torch.arange(B, device=x.device)
-        cache.k[layer, rows, :, pos] = k[:, :, 0]
-        cache.v[layer, rows, :, pos] = v[:, :, 0]
-        span = mask.shape[-1]
-        keys = cache.k[layer, :B, :, :span]
-        values = cache.v[layer, :B, :, :span]
-        return self._merge(F.scaled_dot_product_attention(q, keys, values, attn_mask=mask))
+        B = len(rows)
+        cache.k[layer, rows, :, pos] = k[:B, :, 0]
+        cache.v[layer, rows, :, pos] = v[:B, :, 0]
+        # One attention per run of neighbouring cache rows at the same position, over exactly that
+        # prefix: a masked span as long as the longest row would change the kernel's reduction
+        # order, and with it the last bits of every shorter row (see decode_runs).
+        keys, values = cache.k[layer], cache.v[layer]
+        parts = [
+            F.scaled_dot_product_attention(q[i:j], keys[r : r + j - i, :, :n], values[r : r + j - i, :, :n])
+            for i, j, r, n in runs
+        ]
+        if x.shape[0] > B:  # padding rows, there for the matrix kernels' row count only
+            parts.append(q.new_zeros(x.shape[0] - B, *q.shape[1:]))
+        return self._merge(parts[0] if len(parts) == 1 else torch.cat(parts))
 
 
 class MLP(nn.Module):
@@ -170,12 +191,12 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
-    def prefill(self, x, cache, layer, rows):
-        x = x + self.attn.prefill(self.ln_1(x), cache, layer, rows)
+    def prefill(self, x, cache, layer, row):
+        x = x + self.attn.prefill(self.ln_1(x), cache, layer, row)
         return x + self.mlp(self.ln_2(x))
 
-    def decode(self, x, cache, layer, pos, mask):
-        x = x + self.attn.decode(self.ln_1(x), cache, layer, pos, mask)
+    def decode(self, x, cache, layer, rows, pos, runs):
+        x = x + self.attn.decode(self.ln_1(x), cache, layer, rows, pos, runs)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -241,25 +262,31 @@ class GPT(nn.Module):
             weight = weight[: self.config.vocab_size]
         return None, linear_cross_entropy(self.transformer.ln_f(x).flatten(0, 1), weight, targets.flatten())
 
-    def prefill(self, idx: torch.Tensor, lengths: torch.Tensor, cache: KVCache, rows: torch.Tensor):
-        """Run right-padded prompts `idx` (N, T) into cache `rows`; return logits at each last real token."""
-        T = idx.shape[1]
-        x = self._embed(idx, torch.arange(T, device=idx.device))
-        for layer, block in enumerate(self.transformer.h):
-            x = block.prefill(x, cache, layer, rows)
-        last = x[torch.arange(idx.shape[0], device=idx.device), lengths - 1]
-        return self._logits(last)
+    def prefill(self, prompt: torch.Tensor, cache: KVCache, row: int) -> torch.Tensor:
+        """Run one prompt (T,) into cache `row`; return the logits (1, V) after its last token.
 
-    def decode(self, idx: torch.Tensor, pos: torch.Tensor, cache: KVCache, span: int):
-        """One token per row for cache rows 0..B-1; `pos` (B,) is where each row's token goes.
-
-        `span` bounds the attended positions (the longest row plus one), so a short batch does not
-        pay for the whole cache.
+        One prompt at a time: prompts padded to a common length would meet kernels chosen for the
+        longest one, and their numbers would depend on which prompts arrived together.
         """
-        mask = torch.arange(span, device=idx.device)[None, :] <= pos[:, None]
-        x = self._embed(idx[:, None], pos[:, None])
+        T = prompt.shape[0]
+        x = self._embed(prompt[None], torch.arange(T, device=prompt.device))
         for layer, block in enumerate(self.transformer.h):
-            x = block.decode(x, cache, layer, pos, mask[:, None, None, :])
+            x = block.prefill(x, cache, layer, row)
+        return self._logits(x[:, -1])
+
+    def decode(self, idx: torch.Tensor, rows: list[int], positions: list[int], cache: KVCache) -> torch.Tensor:
+        """One token per cache row: `idx[i]` goes to `positions[i]` of row `rows[i]`; return logits.
+
+        Entries of `idx` beyond `rows` are padding: they pass through the matrix products (whose
+        kernels some row counts suit) but neither attend nor touch the cache.
+        """
+        pos = torch.tensor(positions, device=idx.device)
+        row_index = torch.tensor(rows, device=idx.device)
+        runs = decode_runs(rows, positions)
+        padded = torch.cat([pos, pos.new_zeros(len(idx) - len(rows))])
+        x = self._embed(idx[:, None], padded[:, None])
+        for layer, block in enumerate(self.transformer.h):
+            x = block.decode(x, cache, layer, row_index, pos, runs)
         return self._logits(x[:, 0])
 
     @torch.no_grad()

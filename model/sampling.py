@@ -1,8 +1,10 @@
 """Batched next-token sampling with per-row temperature, top-k, top-p and random draws.
 
-Every row is sampled by inverse transform over its own sorted candidates with one uniform number
-drawn from that request's generator, so a row's token never depends on the other rows in the batch
-or on how many candidates they asked for.
+Every row is sampled by inverse transform with one uniform number drawn from that request's
+generator, and every number on the way depends on that row's logits alone, never on the other rows
+or on how many candidates they asked for: exponentials and prefix sums are exact per element, and
+candidates are ranked by (logit, then lowest token id), a total order, so equal logits (frequent in
+bf16) rank the same whichever kernel sorts them and however many candidates it is asked for.
 """
 
 from __future__ import annotations
@@ -24,11 +26,37 @@ def sample(
     """
     logits = logits.float()
     vocab = logits.shape[-1]
-    top_k = torch.where(top_k < 1, vocab, top_k.clamp(max=vocab))
-    k_max = int(top_k.max())
-    values, indices = logits.topk(k_max, dim=-1)
     greedy = temperature <= 0
     scale = torch.where(greedy, torch.ones_like(temperature), temperature)
+    top_k = torch.where(top_k < 1, vocab, top_k.clamp(max=vocab))
+    # The first maximum, as argmax documents: ties go to the lowest token id, as in the ranking.
+    choice = logits.argmax(dim=-1)
+    whole = ~greedy & (top_k == vocab) & (top_p >= 1)
+    ranked = ~greedy & ~whole
+    if whole.any():
+        rows = whole.nonzero()[:, 0]
+        choice[rows] = _whole_vocabulary(logits[rows], scale[rows], uniform[rows])
+    if ranked.any():
+        rows = ranked.nonzero()[:, 0]
+        choice[rows] = _ranked(logits[rows], scale[rows], top_k[rows], top_p[rows], uniform[rows])
+    return choice
+
+
+def _whole_vocabulary(logits, scale, uniform):
+    """Inverse transform over every token in id order: no ranking needed."""
+    weights = torch.exp((logits - logits.amax(dim=-1, keepdim=True)) / scale[:, None])
+    cumulative = weights.cumsum(dim=-1)
+    total = cumulative[:, -1:].contiguous()
+    choice = torch.searchsorted(cumulative, uniform[:, None] * total, right=True)
+    # u * total can round up to total itself: the last token with any weight then.
+    return torch.minimum(choice, torch.searchsorted(cumulative, total))[:, 0]
+
+
+def _ranked(logits, scale, top_k, top_p, uniform):
+    """Inverse transform over each row's top-k candidates, best first, cut to the top-p nucleus."""
+    k_max = int(top_k.max())
+    _, indices = _rank_keys(logits).topk(k_max, dim=-1)
+    values = logits.gather(1, indices)
     # Unnormalised weights: exp and a prefix sum are exact per element, so trailing candidates
     # that another row needed (masked to zero) cannot change this row's numbers.
     weights = torch.exp((values - values[:, :1]) / scale[:, None])
@@ -40,8 +68,15 @@ def sample(
     kept = ((cumulative - weights) < top_p[:, None] * total).sum(dim=-1)
     kept = torch.minimum(kept, top_k).clamp(min=1)
     kept_total = cumulative.gather(1, (kept - 1)[:, None])
-    threshold = uniform[:, None] * kept_total
-    choice = (cumulative <= threshold).sum(dim=-1)
+    choice = (cumulative <= uniform[:, None] * kept_total).sum(dim=-1)
     choice = torch.minimum(choice, kept - 1)
-    choice = torch.where(greedy, torch.zeros_like(choice), choice)
     return indices.gather(1, choice[:, None])[:, 0]
+
+
+def _rank_keys(logits: torch.Tensor) -> torch.Tensor:
+    """One int64 per logit, ordered as (logit, then lower token id first): unique, so any top-k
+    kernel returns the same candidates in the same order."""
+    bits = logits.contiguous().view(torch.int32)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # IEEE floats as integers of the same order
+    ids = torch.arange(logits.shape[-1] - 1, -1, -1, device=logits.device)
+    return ordered.to(torch.int64) * (1 << 32) + ids

@@ -1,0 +1,121 @@
+"""Seeded sampling does not depend on the batch: a request's numbers are the same alone or batched.
+
+A row's logits must match its solo run bit for bit, whatever else shares its steps: prompts of other
+lengths prefilled in the same step, rows joining and leaving, the batch's size and the row's place
+in it. Sampling over the whole vocabulary turns any last-bit difference into another token, so the
+models here are fresh (near-uniform logits, nothing sharpened) and every sampling setting is tried.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from model import GPT, Engine, GPTConfig, SamplingParams
+from model.generation import PLAIN_FP32_ROW_RANGE, ROW_RANGE, decode_groups, row_range
+from model.packing import PackedLinear, pack
+
+SETTINGS = {
+    "whole vocabulary": dict(top_k=None),
+    "top_k 50257": dict(top_k=50257),
+    "top_k 1000": dict(top_k=1000),
+    "top_k 50": dict(top_k=50),
+    "top_p 0.95": dict(top_k=None, top_p=0.95),
+    "greedy": dict(temperature=0.0),
+}
+LAYOUTS = [("fp32", "plain"), ("fp32", "packed"), ("bf16", "plain"), ("bf16", "packed")]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# The layers of the gpt2 shape: attention in and out, MLP in and out, the LM head.
+GPT2_LINEARS = [(768, 2304), (768, 768), (768, 3072), (3072, 768), (768, 50257)]
+
+
+def layout(model: GPT, dtype: str, weights: str) -> GPT:
+    copied = copy.deepcopy(model).to(DTYPES[dtype]).eval()
+    return pack(copied) if weights == "packed" else copied
+
+
+class RecordingEngine(Engine):
+    """The engine, keeping the logits each request's tokens were drawn from."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.logits: dict = {}
+
+    def _sample(self, seqs, logits, params):
+        for seq, row in zip(seqs, logits):
+            self.logits.setdefault(seq.request_id, []).append(row.clone())
+        return super()._sample(seqs, logits, params)
+
+
+@pytest.fixture(scope="module")
+def mini() -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig.from_preset("mini")).eval()
+
+
+def prompt(length: int, seed: int) -> list[int]:
+    return torch.randint(0, 50257, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("dtype,weights", LAYOUTS, ids=[f"{d}-{w}" for d, w in LAYOUTS])
+def test_seeded_requests_joining_a_running_batch_draw_from_their_solo_numbers(mini, dtype, weights):
+    model = layout(mini, dtype, weights)
+    # Compared requests: every sampling setting, prompts from 1 to 150 tokens, joining at staggered steps.
+    compared = {
+        name: (prompt(length, seed), SamplingParams(max_new_tokens=10, seed=seed, stop_at_eot=False, **setting), join)
+        for (name, setting), length, seed, join in zip(
+            SETTINGS.items(), (1, 150, 7, 60, 33, 2), range(1, 7), (0, 0, 2, 3, 5, 9)
+        )
+    }
+    # Fillers of other lengths come and go, so the batch grows past 16 rows (below, plain fp32 rows
+    # are padded to 16) and shrinks again, moving rows around the cache as they leave.
+    fillers = {
+        f"filler {i}": (prompt(2 + 5 * i, 100 + i), SamplingParams(max_new_tokens=3 + 2 * i, seed=i, stop_at_eot=False), i % 5)
+        for i in range(14)
+    }  # fmt: skip
+    batched = RecordingEngine(model, max_batch_size=20, max_seq_len=256)
+    requests = compared | fillers
+    tokens: dict = {}
+    last_join = max(join for _, _, join in requests.values())
+    step = widest = 0
+    while step <= last_join or batched.has_work():
+        for name, (ids, params, join) in requests.items():
+            if join == step:
+                batched.add(ids, params, request_id=name)
+        for event in batched.step():
+            tokens.setdefault(event.request_id, []).append(event.token)
+        widest = max(widest, batched.num_running)
+        step += 1
+    assert widest > PLAIN_FP32_ROW_RANGE[0]
+    for name, (ids, params, _) in compared.items():
+        alone = RecordingEngine(model, max_batch_size=1, max_seq_len=256)
+        solo_tokens = alone.generate_tokens([ids], params)[0]
+        for step, (solo, row) in enumerate(zip(alone.logits[0], batched.logits[name])):
+            assert torch.equal(solo, row), f"{name}: logits differ at step {step}"
+        assert solo_tokens == tokens[name], name
+
+
+@pytest.mark.parametrize("dtype,weights", LAYOUTS, ids=[f"{d}-{w}" for d, w in LAYOUTS])
+def test_linear_kernels_keep_each_row_over_the_engines_row_counts(dtype, weights):
+    """Within the row range the engine decodes in, each row's product is the same for every count."""
+    torch.manual_seed(0)
+    for inputs, outputs in GPT2_LINEARS:
+        linear = torch.nn.Linear(inputs, outputs).to(DTYPES[dtype])
+        layer = PackedLinear(linear) if weights == "packed" else linear
+        fewest, most = row_range(layer)
+        x = torch.randn(most, inputs).to(DTYPES[dtype])
+        with torch.no_grad():
+            full = layer(x)
+            for rows in range(fewest, most):
+                assert torch.equal(layer(x[:rows]), full[:rows]), f"{inputs}->{outputs}: {rows} rows"
+
+
+def test_decode_groups_stay_within_the_row_range():
+    for fewest, most in (ROW_RANGE, PLAIN_FP32_ROW_RANGE):
+        assert decode_groups(1, fewest, most) == [range(0, 1)]
+        for rows in range(fewest, 300):
+            groups = decode_groups(rows, fewest, most)
+            assert [i for g in groups for i in g] == list(range(rows))
+            assert all(fewest <= len(g) <= most for g in groups), rows
