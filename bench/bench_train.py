@@ -30,7 +30,7 @@ from bench.common import SHAKESPEARE, print_table, write_result
 from bench.train_reference import ReferenceTrainer
 from model import GPTConfig
 from trainer import distributed
-from trainer.flops import flops_per_token, measure_matmul_flops
+from trainer.report import flops_per_token, measure_matmul_flops
 from trainer.settings import TrainerSettings
 from trainer.train import Trainer
 

@@ -14,13 +14,10 @@ def sample(checkpoint: Path, prompt: str, num_samples: int, max_new_tokens: int,
     tokenizer = Tokenizer()
     # An empty prompt starts from end-of-text, the token every document follows.
     tokens = tokenizer.encode(prompt) or [EOT_TOKEN]
-    room = model.config.block_size - len(tokens)
-    if room < 1:
-        raise ValueError(
-            f"the prompt's {len(tokens)} tokens fill the model's context of {model.config.block_size}: shorten it"
-        )
-    max_new_tokens = min(max_new_tokens, room)
     engine = Engine(model, tokenizer, max_batch_size=num_samples)
+    engine.check_fits(len(tokens), 1)
+    # As many new tokens as asked for, or as fit.
+    max_new_tokens = min(max_new_tokens, engine.max_seq_len - len(tokens))
     ids = [
         engine.add(tokens, SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                           seed=seed + i))

@@ -1,37 +1,122 @@
 """What a run tells the outside world: console lines, a progress bar on terminals, metrics.jsonl and
-the Prometheus gauges. Only the main process reports."""
+the Prometheus endpoint, with the throughput arithmetic behind them (tokens/s and MFU).
+Only the main process reports."""
 
 from __future__ import annotations
 
 import json
+import math
 import sys
+import time
 from pathlib import Path
 
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector, start_http_server
 from tqdm import tqdm
 
+from model import GPTConfig
 from model.checkpoint import atomic_write
 from trainer.checkpoints import Progress
-from trainer.prometheus import TrainingMetrics
+from trainer.settings import TrainerSettings
 
 METRICS_FILE = "metrics.jsonl"
 
+# Dense bf16 tensor-core peaks, FLOP/s.
+GPU_PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+def flops_per_token(config: GPTConfig, n_params: int, seq_len: int) -> float:
+    """Training FLOPs per token (PaLM appendix B): 6 per weight (position embeddings excluded, as
+    nanoGPT counts) plus attention's 12·L·T·C."""
+    return 6 * n_params + 12 * config.n_layer * seq_len * config.n_embd
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """The device's peak for `dtype`, or None where it is unknown.
+
+    GPU peaks are the vendors' dense bf16 figures. A CPU has no such figure that means much, so its
+    peak is measured: the rate of a large matrix product in the compute dtype.
+    """
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((peak for key, peak in GPU_PEAKS.items() if key in name), None)
+    if device.type == "cpu":
+        return measure_matmul_flops(dtype)
+    return None
+
+
+def measure_matmul_flops(dtype: torch.dtype, size: int = 1024, seconds: float = 0.25) -> float:
+    """FLOP/s of repeated size×size matrix products on the CPU."""
+    a = torch.randn(size, size, dtype=dtype)
+    b = torch.randn(size, size, dtype=dtype)
+    a @ b
+    count, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        a @ b
+        count += 1
+    return 2 * size**3 * count / elapsed
+
+
+class TrainingMetrics:
+    """The trainer's Prometheus endpoint, so Grafana shows training beside serving.
+
+    Metric names are a contract with the dashboard: change them only together.
+    """
+
+    def __init__(self, port: int, start: Progress):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.loss = Gauge("gpt_train_loss", "Training loss of the latest logged step", registry=r)
+        self.val_loss = Gauge("gpt_val_loss", "Validation loss of the latest evaluation", registry=r)
+        self.best_val_loss = Gauge(
+            "gpt_train_best_val_loss", "Lowest validation loss so far (best_model.pt)", registry=r
+        )
+        self.lr = Gauge("gpt_train_learning_rate", "Learning rate of the latest step", registry=r)
+        self.tokens_per_second = Gauge("gpt_train_tokens_per_second", "Training throughput, all processes", registry=r)
+        self.grad_norm = Gauge("gpt_train_grad_norm", "Gradient norm before clipping", registry=r)
+        self.step = Gauge("gpt_train_step", "Optimizer steps completed", registry=r)
+        self.tokens = Counter("gpt_train_tokens", "Tokens trained on, resumed runs included", registry=r)
+        self.checkpoints = Counter(
+            "gpt_train_checkpoints", "Checkpoints written, by file", ["kind"], registry=r
+        )
+        for kind in ("best", "last", "final"):
+            self.checkpoints.labels(kind=kind)
+        # Memory and CPU of the trainer, beside the service's processes on the dashboard.
+        ProcessCollector(registry=r)
+        # NaN, not 0, until known: a dashboard shows a gap rather than a perfect loss.
+        for gauge, value in ((self.loss, start.loss), (self.val_loss, start.val_loss),
+                             (self.best_val_loss, start.best_loss)):
+            gauge.set(math.nan if value is None else value)
+        self.step.set(start.step)
+        self.tokens.inc(start.tokens)
+        self._server, _ = start_http_server(port, registry=r)
+        self.port = self._server.server_port
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
 
 class Reporter:
-    def __init__(self, out: Path, start: Progress, total_steps: int, tokens_per_step: int,
-                 metrics_port: int | None, enabled: bool):
+    def __init__(self, out: Path, start: Progress, settings: TrainerSettings, enabled: bool, *,
+                 tokens_per_step: int, flops_per_token: float, peak_flops: float | None):
         """`start` is where the run begins: a fresh Progress, or the one a resume restored."""
         self.enabled = enabled
         self.tokens_per_step = tokens_per_step
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops
+        # Training time and steps since the last logged line: its tokens/s, ms/step and MFU.
+        self.window_seconds, self.window_steps = 0.0, 0
         self.metrics = None
         self.bar = None
         if not enabled:
             return
         self.jsonl = _open_jsonl(out / METRICS_FILE, start.step)
-        if metrics_port is not None:
-            self.metrics = TrainingMetrics(metrics_port, start)
+        if settings.metrics_port is not None:
+            self.metrics = TrainingMetrics(settings.metrics_port, start)
             self.say(f"Prometheus metrics on port {self.metrics.port}")
         if sys.stdout.isatty():
-            self.bar = tqdm(total=total_steps, initial=start.step, unit="step", dynamic_ncols=True, leave=False)
+            self.bar = tqdm(total=settings.steps, initial=start.step, unit="step", dynamic_ncols=True, leave=False)
 
     def say(self, line: str) -> None:
         if not self.enabled:
@@ -41,11 +126,14 @@ class Reporter:
         else:
             print(line, flush=True)
 
-    def step(self, progress: Progress, grad_norm: float, tokens_per_sec: float, ms_per_step: float,
-             mfu: float | None, evaluated: bool, log: bool) -> None:
-        """Record one optimizer step; console and metrics.jsonl only on logged or evaluated steps."""
+    def step(self, progress: Progress, grad_norm: float, seconds: float, evaluated: bool, log: bool) -> None:
+        """Record one optimizer step that took `seconds`; console and metrics.jsonl only on logged or
+        evaluated steps."""
+        self.window_seconds += seconds
+        self.window_steps += 1
         if not self.enabled:
             return
+        tokens_per_sec = self.tokens_per_step * self.window_steps / self.window_seconds
         if self.bar is not None:
             self.bar.update(1)
         if self.metrics:
@@ -61,6 +149,8 @@ class Reporter:
             m.step.set(progress.step)
         if not (log or evaluated):
             return
+        ms_per_step = 1000 * self.window_seconds / self.window_steps
+        mfu = self.flops_per_token * tokens_per_sec / self.peak_flops if self.peak_flops else None
         self.say(_line(progress, grad_norm, tokens_per_sec, ms_per_step, mfu, evaluated))
         record = {
             "step": progress.step,
@@ -75,6 +165,8 @@ class Reporter:
             record["val_loss"] = progress.val_loss
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
+        if log:
+            self.window_seconds, self.window_steps = 0.0, 0
 
     def checkpoint(self, kind: str) -> None:
         if self.metrics:

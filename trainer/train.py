@@ -1,4 +1,5 @@
-"""The training loop: one `Trainer` per process, built from `TrainerSettings`.
+"""The training loop: one `Trainer` per process, built from `TrainerSettings`, with what nanoGPT keeps
+beside its loop: the optimizer's parameter groups, the learning-rate schedule and a graceful stop.
 
 Each optimizer step draws the whole global batch's offsets from one seeded generator and every
 process takes its own slice, so N processes with gradient accumulation A see exactly the batches
@@ -8,6 +9,7 @@ one process with accumulation N·A would: the DDP run and the single run are the
 from __future__ import annotations
 
 import math
+import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -20,40 +22,80 @@ from model.checkpoint import remove_temporaries
 from trainer import checkpoints, distributed
 from trainer.checkpoints import BEST, FINAL, LAST, Progress
 from trainer.data import Dataset, prepare
-from trainer.flops import flops_per_token, peak_flops
-from trainer.optimizer import adamw
-from trainer.report import METRICS_FILE, Reporter, duration
-from trainer.schedule import learning_rate
+from trainer.report import METRICS_FILE, Reporter, duration, flops_per_token, peak_flops
 from trainer.settings import TrainerSettings
-from trainer.stopping import StopRequest
-
 
 class TrainingError(Exception):
     """A run that cannot start or continue; the message says why and what to do."""
 
 
+def adamw(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW as GPT-2 is trained: decay on matrices and embeddings, none on biases and LayerNorm gains."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    # The fused kernel updates every parameter in one pass instead of a Python loop of small ops.
+    fused = device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=fused)
+
+
+def learning_rate(step: int, lr: float, min_lr: float, warmup_steps: int, decay_steps: int) -> float:
+    """The learning rate of optimizer step `step` (0-based): linear warmup, then cosine decay to a floor."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if step >= decay_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+class StopRequest:
+    """SIGTERM and Ctrl-C ask the loop to stop after the current step, so `docker compose stop` loses
+    nothing. A second signal restores the default behaviour, so Ctrl-C twice still ends a stuck run."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self) -> StopRequest:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name} received: finishing this step and writing last.pt", flush=True)
+        signal.signal(signum, self._previous[signum])
+
+
 class Trainer:
     def __init__(self, settings: TrainerSettings, ctx: distributed.Context):
-        self.settings = s = settings
         self.ctx = ctx
-        self.out = Path(s.out)
-        torch.manual_seed(s.seed)
+        self.out = Path(settings.out)
+        torch.manual_seed(settings.seed)
         if ctx.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self.dataset = self._load_data()
-        self.batch_generator = torch.Generator().manual_seed(s.seed)
+        self.batch_generator = torch.Generator().manual_seed(settings.seed)
 
         if ctx.is_main:
             self._remove_partial_files()
-        resume = self._resume_data()
-        self.raw_model = resume[0] if resume else initial_model(s, ctx.device)
+        resume = self._resume_data(settings)
+        self.raw_model = resume[0] if resume else initial_model(settings, ctx.device)
         config = self.raw_model.config
+        self.settings = s = settings
         if s.seq_len > config.block_size:
             raise TrainingError(
                 f"--seq-len {s.seq_len} exceeds the model's context of {config.block_size} tokens: "
                 f"lower --seq-len or raise --block-size"
             )
+        self.dataset = self._load_data()
         self.raw_model.to(ctx.device).train()
         self.optimizer = adamw(self.raw_model, s.lr, s.weight_decay, ctx.device)
         self.progress = Progress()
@@ -93,9 +135,9 @@ class Trainer:
             for partial in remove_temporaries(self.out / name):
                 print(f"note: removed {partial}, a partial {name} left by a run killed while writing it")
 
-    def _resume_data(self):
+    def _resume_data(self, settings: TrainerSettings):
         path = self.out / LAST
-        if not self.settings.resume:
+        if not settings.resume:
             if path.exists() and self.ctx.is_main:
                 print(f"note: {path} holds an earlier run; starting afresh replaces it (--resume continues it)")
             return None
@@ -138,20 +180,22 @@ class Trainer:
         loss = distributed.mean(loss_sum / s.grad_accum, ctx).item()
         max_norm = s.grad_clip if s.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm).item()
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            self.optimizer.zero_grad(set_to_none=True)
-            what = "loss" if not math.isfinite(loss) else "gradient norm"
-            value = loss if what == "loss" else grad_norm
-            raise TrainingError(
-                f"the {what} became {value} at step {self.progress.step + 1}: training diverged. The checkpoints "
-                f"in {self.out} are left as they were; try a lower --lr, a longer --warmup-steps or --dtype fp32"
-            )
+        for what, value in (("loss", loss), ("gradient norm", grad_norm)):
+            if not math.isfinite(value):
+                self.optimizer.zero_grad(set_to_none=True)
+                self._diverged(f"the {what} became {value} at step {self.progress.step + 1}")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.progress.step += 1
         self.progress.tokens += self.tokens_per_step
         self.progress.loss = loss
         return loss, grad_norm
+
+    def _diverged(self, what: str) -> None:
+        raise TrainingError(
+            f"{what}: training diverged. The checkpoints in {self.out} are left as they were; try a lower "
+            f"--lr, a longer --warmup-steps or --dtype fp32"
+        )
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -186,7 +230,8 @@ class Trainer:
 
     def run(self) -> Progress:
         s, ctx, p = self.settings, self.ctx, self.progress
-        reporter = Reporter(self.out, p, s.steps, self.tokens_per_step, s.metrics_port, ctx.is_main)
+        reporter = Reporter(self.out, p, s, ctx.is_main, tokens_per_step=self.tokens_per_step,
+                            flops_per_token=self.flops_per_token, peak_flops=self.peak)
         try:
             with StopRequest() as stop:
                 self._describe(reporter)
@@ -201,15 +246,13 @@ class Trainer:
     def _loop(self, reporter: Reporter, stop: StopRequest) -> None:
         s, ctx, p = self.settings, self.ctx, self.progress
         started = time.perf_counter() - p.elapsed
-        window_time, window_steps = 0.0, 0
         finished = p.step >= s.steps
         while not finished:
             t0 = time.perf_counter()
             _, grad_norm = self.train_step()
-            step_time = time.perf_counter() - t0
+            step_seconds = time.perf_counter() - t0
             p.elapsed = time.perf_counter() - started
-            window_time += step_time
-            window_steps += 1
+
             time_up = s.time_limit is not None and p.elapsed >= s.time_limit * 60
             stopping, time_up = distributed.any_true([stop.requested, time_up], ctx)
             finished = p.step >= s.steps or time_up
@@ -217,11 +260,7 @@ class Trainer:
             if evaluated:
                 self._evaluate(reporter)
             log = p.step % s.log_interval == 0 or finished or stopping
-            tokens_per_sec = self.tokens_per_step * window_steps / window_time
-            mfu = self.flops_per_token * tokens_per_sec / self.peak if self.peak else None
-            reporter.step(p, grad_norm, tokens_per_sec, 1000 * window_time / window_steps, mfu, evaluated, log)
-            if log:
-                window_time, window_steps = 0.0, 0
+            reporter.step(p, grad_norm, step_seconds, evaluated, log)
             if p.step % s.checkpoint_interval == 0 or finished or stopping:
                 self.publish(LAST, **checkpoints.resume_state(self.optimizer, self.batch_generator))
                 reporter.checkpoint("last")

@@ -58,4 +58,4 @@ def test_commands_explain_bad_checkpoints(tmp_path):
 def test_sample_refuses_a_prompt_that_fills_the_context(trained):
     prompt = "word " * 80  # 81 tokens: 80 words and the trailing space
     output = run("sample", "--checkpoint", str(trained / "best_model.pt"), "--prompt", prompt, expect=1)
-    assert "the prompt's 81 tokens fill the model's context of 64: shorten it" in output
+    assert "the prompt's 81 tokens plus max_new_tokens 1 exceed the context of 64 tokens" in output

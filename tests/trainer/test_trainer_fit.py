@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from model import load_checkpoint, read_checkpoint
-from trainer.schedule import learning_rate
+from trainer.train import learning_rate
 
 SEED_KEYS = ("step", "loss", "val_loss", "best_loss", "learning_rate")
 

@@ -5,11 +5,11 @@ import os
 import pty
 import signal
 import struct
-import subprocess
 import sys
 import termios
 
 import httpx
+import processes
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -72,8 +72,8 @@ def test_progress_bar_on_a_terminal(tiny, tmp_path):
     leader, follower = pty.openpty()
     # A new pseudo-terminal is 0 columns wide, where a bar has no room; give it a real terminal's size.
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
-    process = subprocess.Popen([sys.executable, "-m", "trainer", "fit", *tiny(tmp_path, "--steps", "3")],
-                               stdout=follower, stderr=follower)
+    process = processes.spawn([sys.executable, "-m", "trainer", "fit", *tiny(tmp_path, "--steps", "3")],
+                              stdout=follower, stderr=follower)
     os.close(follower)
     output = b""
     while True:
