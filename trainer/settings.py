@@ -40,7 +40,10 @@ class TrainerSettings(BaseSettings):
     )
     resume: bool = Field(False, description="Continue exactly from OUT/last.pt (starts afresh when there is none).")
     batch_size: int = Field(16, gt=0, description="Sequences per micro-step on each process.")
-    seq_len: int = Field(128, gt=0, description="Tokens per training sequence (at most the model's block size).")
+    seq_len: int | None = Field(
+        None, gt=0,
+        description="Tokens per training sequence, at most the model's context (none: the context, up to 128).",
+    )
     grad_accum: int = Field(1, gt=0, description="Micro-steps accumulated into one optimizer step.")
     lr: float = Field(6e-4, gt=0, description="Peak learning rate, reached after the warmup.")
     min_lr: float = Field(6e-5, ge=0, description="Learning rate at the end of the cosine decay.")
@@ -54,7 +57,10 @@ class TrainerSettings(BaseSettings):
         None, gt=0, description="Stop after this many minutes of training, as if --steps were reached."
     )
     grad_clip: float = Field(1.0, ge=0, description="Clip the gradient norm to this value (0: no clipping).")
-    eval_interval: int = Field(100, gt=0, description="Steps between validation-loss evaluations.")
+    eval_interval: int = Field(
+        100, gt=0, description="Steps between validation-loss evaluations; the first comes by step 10, so a new "
+        "run publishes best_model.pt early."
+    )
     eval_iters: int = Field(10, gt=0, description="Validation batches per evaluation.")
     val_fraction: float = Field(
         0.1, gt=0, lt=1, description="Share of the tokens, from the end, held out for validation."

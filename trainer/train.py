@@ -25,6 +25,11 @@ from trainer.data import Dataset, prepare
 from trainer.report import METRICS_FILE, Reporter, duration, flops_per_token, peak_flops
 from trainer.settings import TrainerSettings
 
+# The first evaluation comes this many steps in at the latest, then every --eval-interval steps: a
+# fresh run publishes a best_model.pt for the service within a minute, not after the whole interval.
+FIRST_EVAL_STEP = 10
+
+
 class TrainingError(Exception):
     """A run that cannot start or continue; the message says why and what to do."""
 
@@ -89,12 +94,8 @@ class Trainer:
         resume = self._resume_data(settings)
         self.raw_model = resume[0] if resume else initial_model(settings, ctx.device)
         config = self.raw_model.config
-        self.settings = s = settings
-        if s.seq_len > config.block_size:
-            raise TrainingError(
-                f"--seq-len {s.seq_len} exceeds the model's context of {config.block_size} tokens: "
-                f"lower --seq-len or raise --block-size"
-            )
+        # The run's settings as it runs them (and as its checkpoints record them): --seq-len resolved.
+        self.settings = s = settings.model_copy(update={"seq_len": sequence_length(settings, config)})
         self.dataset = self._load_data()
         self.raw_model.to(ctx.device).train()
         self.optimizer = adamw(self.raw_model, s.lr, s.weight_decay, ctx.device)
@@ -246,6 +247,7 @@ class Trainer:
     def _loop(self, reporter: Reporter, stop: StopRequest) -> None:
         s, ctx, p = self.settings, self.ctx, self.progress
         started = time.perf_counter() - p.elapsed
+        first_eval = min(s.eval_interval, FIRST_EVAL_STEP)
         finished = p.step >= s.steps
         while not finished:
             t0 = time.perf_counter()
@@ -256,7 +258,7 @@ class Trainer:
             time_up = s.time_limit is not None and p.elapsed >= s.time_limit * 60
             stopping, time_up = distributed.any_true([stop.requested, time_up], ctx)
             finished = p.step >= s.steps or time_up
-            evaluated = p.step % s.eval_interval == 0 or finished
+            evaluated = p.step % s.eval_interval == 0 or p.step == first_eval or finished
             if evaluated:
                 self._evaluate(reporter)
             log = p.step % s.log_interval == 0 or finished or stopping
@@ -292,7 +294,7 @@ class Trainer:
         )
         reporter.say(
             f"Data {s.data}: {len(self.dataset.train):,} training and {len(self.dataset.val):,} validation tokens; "
-            f"{self.tokens_per_step:,} tokens per step, {s.steps} steps"
+            f"{s.seq_len} tokens per sequence, {self.tokens_per_step:,} per step, {s.steps} steps"
         )
 
     def _summarise(self, reporter: Reporter, finished: bool) -> None:
@@ -305,6 +307,18 @@ class Trainer:
         if p.best_loss is not None:
             reporter.say(f"Best validation loss {p.best_loss:.4f} at step {p.best_step}: {self.out / BEST}")
         reporter.say(f"Final model: {self.out / FINAL}" if finished else f"Continue with --resume ({self.out / LAST})")
+
+
+def sequence_length(s: TrainerSettings, config: GPTConfig) -> int:
+    """--seq-len as given, or the model's context up to the seed's 128."""
+    if s.seq_len is None:
+        return min(config.block_size, 128)
+    if s.seq_len > config.block_size:
+        raise TrainingError(
+            f"--seq-len {s.seq_len} exceeds the model's context of {config.block_size} tokens: "
+            f"lower --seq-len or raise --block-size"
+        )
+    return s.seq_len
 
 
 def initial_model(s: TrainerSettings, device: torch.device) -> GPT:

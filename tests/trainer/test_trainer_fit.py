@@ -1,7 +1,10 @@
 import pytest
 import torch
+from click.testing import CliRunner
+from trainerkit import tiny_flags
 
 from model import load_checkpoint, read_checkpoint
+from trainer.cli import main
 from trainer.train import learning_rate
 
 SEED_KEYS = ("step", "loss", "val_loss", "best_loss", "learning_rate")
@@ -87,6 +90,27 @@ def test_shape_overrides_and_bad_shapes(fit, tmp_path):
     assert "must be divisible by n_head" in result.output
     result = fit(tmp_path / "long", "--seq-len", "65", expect=1)
     assert "--seq-len 65 exceeds the model's context of 64 tokens" in result.output
+
+
+def test_seq_len_defaults_to_the_models_context_up_to_128(cache_dir, tmp_path):
+    for block_size, expected in ((None, 64), ("200", 128)):
+        flags = tiny_flags(cache_dir, tmp_path / str(block_size), "--steps", "1")
+        at = flags.index("--seq-len")
+        del flags[at : at + 2]
+        if block_size:
+            flags += ["--block-size", block_size]
+        result = CliRunner().invoke(main, ["fit", *flags])
+        assert result.exit_code == 0, result.output
+        assert f"{expected} tokens per sequence" in result.output
+        final = read_checkpoint(tmp_path / str(block_size) / "final_model.pt")
+        assert final["settings"]["seq_len"] == expected and final["tokens"] == 4 * expected
+
+
+def test_the_first_checkpoint_comes_after_a_few_steps_then_at_the_interval(fit, tmp_path, records):
+    result = fit(tmp_path, "--steps", "25", "--eval-interval", "20", "--lr", "3e-3", "--warmup-steps", "2")
+    assert [r["step"] for r in records(tmp_path) if "val_loss" in r] == [10, 20, 25]
+    assert read_checkpoint(tmp_path / "best_model.pt")["best_step"] in (10, 20, 25)
+    assert "Saved best model (val loss" in result.output and ", step 10) to" in result.output
 
 
 def test_init_from_checkpoint_and_hf_folder(fit, trained, tmp_path):

@@ -1,9 +1,11 @@
 import pytest
 from click.testing import CliRunner
 
+from model import GPTConfig
 from model.settings import env_name, flag_name
 from trainer.cli import main
 from trainer.settings import TrainerSettings
+from trainer.train import sequence_length
 
 
 @pytest.fixture(autouse=True)
@@ -14,8 +16,11 @@ def clean_env(monkeypatch):
 
 def test_defaults_are_the_seed_hyperparameters():
     s = TrainerSettings()
-    seed = dict(batch_size=16, seq_len=128, lr=6e-4, weight_decay=0.1, steps=5000, warmup_steps=100, grad_clip=1.0)
+    seed = dict(batch_size=16, lr=6e-4, weight_decay=0.1, steps=5000, warmup_steps=100, grad_clip=1.0)
     assert {k: getattr(s, k) for k in seed} == seed
+    # The seed's 128 tokens per sequence, where the model's context allows it.
+    assert sequence_length(s, GPTConfig.from_preset(s.preset)) == 128
+    assert sequence_length(s, GPTConfig.from_preset("tiny")) == 64
     assert (s.data, str(s.out), s.val_fraction) == ("input.txt", "checkpoints", 0.1)
     assert (s.init, s.preset, s.compile) == ("scratch", "mini", None)
 
