@@ -70,6 +70,7 @@ log = logging.getLogger(__name__)
 RELIED_ON = {
     "litserve.server.LitServer._start_server": "HTTP servers run our uvicorn server and protocol, one at a time",
     "litserve.server.LitServer._prepare_app_run": "each HTTP server's app is prepared as LitServe does",
+    "litserve.server.LitServer._register_internal_endpoints": "its 'litserve running' at / gives way to the page",
     "litserve.server.LitServer._start_worker_monitoring": "the HTTP servers and the Manager are supervised",
     "litserve.server.LitServer._perform_graceful_shutdown": "every HTTP server is stopped at once",
     "litserve.server.LitServer.launch_single_inference_worker": "no worker is respawned during a shutdown",
@@ -442,6 +443,13 @@ class Server(ls.LitServer):
         self.uvicorn_graceful_timeout = drain_timeout + 10
         self.exit_status = 0
 
+    def _register_internal_endpoints(self) -> None:
+        super()._register_internal_endpoints()
+        # LitServe answers / with "litserve running", registered before our routes and so shadowing the
+        # page (service/page.py) there.
+        routes = self.app.router.routes
+        routes[:] = [route for route in routes if getattr(route, "path", None) != "/"]
+
     def _start_server(self, port, num_uvicorn_servers, log_level, sockets, uvicorn_worker_type, **kwargs):
         if uvicorn_worker_type != "process":
             raise ValueError("the service runs its HTTP servers as processes")
@@ -473,9 +481,7 @@ class Server(ls.LitServer):
     def _supervise(self, manager, uvicorn_workers: dict) -> None:
         """Start again any HTTP server that dies; end the service if the Manager (the queues) dies."""
         while not self._stopping:
-            if not manager._process.is_alive():
-                log.critical("LitServe's queue manager died: exiting so that a supervisor restarts the service")
-                os._exit(75)
+            _exit_if_dead(manager)
             for index, process in list(uvicorn_workers.items()):
                 if process.is_alive() or self._stopping:
                     continue
@@ -494,6 +500,11 @@ class Server(ls.LitServer):
         return super().launch_single_inference_worker(lit_api, worker_id)
 
     def _perform_graceful_shutdown(self, manager, uvicorn_workers, shutdown_reason="normal"):
+        if shutdown_reason == "normal":
+            # Neither Ctrl-C nor SIGTERM: LitServe's wait on the Manager's shutdown event broke, most likely with
+            # the Manager itself, whose death the kernel may take a moment to make visible.
+            manager._process.join(1.0)
+            _exit_if_dead(manager)
         self._stopping = True
         # LitServe stops the HTTP servers one after another, each draining up to the timeout while the others
         # still take new requests: signal them all first so they stop accepting together.
@@ -505,3 +516,10 @@ class Server(ls.LitServer):
         if cut:
             log.error("stopped without a clean drain: HTTP server exit statuses %s", cut)
             self.exit_status = 1
+
+
+def _exit_if_dead(manager) -> None:
+    """End the service at once if LitServe's Manager died: it held every queue, and cannot be replaced."""
+    if not manager._process.is_alive():
+        log.critical("LitServe's queue manager died: exiting so that a supervisor restarts the service")
+        os._exit(75)
