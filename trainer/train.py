@@ -18,7 +18,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from model import GPT, CheckpointError, GPTConfig, autocast_dtype, load_checkpoint
-from model.checkpoint import remove_temporaries
+from model.checkpoint import check_finite, remove_temporaries
 from trainer import checkpoints, distributed
 from trainer.checkpoints import BEST, FINAL, LAST, Progress
 from trainer.data import Dataset, prepare
@@ -216,6 +216,11 @@ class Trainer:
         return distributed.total(loss_sum, ctx).item() / s.eval_iters
 
     def publish(self, name: str, **extra) -> None:
+        # Every process checks (they hold the same weights), so all of them stop together.
+        try:
+            check_finite(self.raw_model, f"step {self.progress.step}")
+        except CheckpointError as e:
+            self._diverged(str(e))
         if not self.ctx.is_main:
             return
         path = self.out / name
@@ -276,6 +281,8 @@ class Trainer:
     def _evaluate(self, reporter: Reporter) -> None:
         p = self.progress
         p.val_loss, p.val_step = self.evaluate(), p.step
+        if not math.isfinite(p.val_loss):
+            self._diverged(f"the validation loss became {p.val_loss} at step {p.step}")
         if p.best_loss is None or p.val_loss < p.best_loss:
             p.best_loss, p.best_step = p.val_loss, p.step
             self.publish(BEST)

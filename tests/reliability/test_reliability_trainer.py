@@ -1,4 +1,5 @@
-"""The trainer killed with SIGKILL at random moments, and a disk that fills while it saves: nothing lost.
+"""The trainer killed with SIGKILL at random moments, a disk that fills while it saves, a model gone
+non-finite and a second trainer on the same folder: nothing lost, nothing garbage published.
 
 Checkpoints are written atomically (model.save_checkpoint; its own tests kill a bare writer). Here the
 whole trainer runs as a real process with a checkpoint every step, is killed while it starts, between
@@ -9,14 +10,16 @@ last.pt left off.
 from __future__ import annotations
 
 import json
+import math
 import random
 import signal
 import threading
 import time
 from pathlib import Path
 
+import torch
 from faultkit import limit_file_size
-from reliabilitykit import SCALE
+from reliabilitykit import SCALE, SOAK
 from servicekit import wait_for
 from trainerkit import invoke_fit, spawn, tiny_flags
 
@@ -140,3 +143,42 @@ def test_a_full_disk_while_saving_reports_the_error_and_keeps_the_previous_check
     assert trainer.steps() == [3, 4]
     assert [json.loads(line)["step"] for line in jsonl.read_text().splitlines()] == [1, 2, 3, 4]
     assert checkpoint_step(out, FINAL) == 4
+
+
+def spoiled_hf_folder(folder: Path, value: float) -> Path:
+    """A save_pretrained folder whose position embedding holds `value` in a row a 32-token run never
+    reads: the loss stays finite while the weights are not."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=48))
+    with torch.no_grad():
+        model.transformer.wpe.weight[40] = value
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_a_model_gone_non_finite_is_never_published(cache_dir, tmp_path, figures):
+    # The first evaluation after one step at an absurd learning rate: a NaN validation loss.
+    blow_up = ("--lr", "1e38", "--min-lr", "1e38", "--warmup-steps", "0", "--eval-interval", "1")
+    values = (math.nan, math.inf, -math.inf) if SOAK else (math.nan,)
+    cases = [("validation loss", tmp_path / "blown", blow_up, "the validation loss became nan at step 1")]
+    cases += [
+        (f"weights holding {value}", tmp_path / f"spoiled-{value}",
+         ("--init", str(spoiled_hf_folder(tmp_path / f"hf-{value}", value)), "--eval-interval", "2"),
+         "weight transformer.wpe.weight holds NaN or Inf values")
+        for value in values
+    ]  # fmt: skip
+    if SOAK:
+        # A run that has published a good model and then blows up: the good one stays, byte for byte.
+        invoke_fit(cache_dir, tmp_path / "good", "--steps", "2", "--eval-interval", "1")
+        cases.append(("validation loss after a good best_model.pt", tmp_path / "good", ("--resume", *blow_up),
+                      "the validation loss became nan at step 3"))
+    for what, out, flags, message in cases:
+        kept = {p.name: p.read_bytes() for p in out.glob("*.pt")}
+        result = invoke_fit(cache_dir, out, "--steps", "4", *flags, expect=1)
+        assert message in result.output and "training diverged" in result.output, (what, result.output)
+        assert "Traceback" not in result.output
+        assert {p.name: p.read_bytes() for p in out.glob("*.pt")} == kept, what
+    figures.update(runs_refused=len(cases), cases=[case[0] for case in cases])
+
