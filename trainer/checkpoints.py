@@ -1,4 +1,5 @@
-"""What goes into best_model.pt, last.pt and final_model.pt, and reading last.pt back for a resume.
+"""What goes into best_model.pt, last.pt and final_model.pt, reading last.pt back for a resume, and
+the lock that keeps a second trainer out of the folder.
 
 Every file carries the keys the service and `load_checkpoint` read (`step`, `loss`, `val_loss`,
 `best_loss`, `learning_rate`) and the run's settings. last.pt adds what an exact resume needs: the
@@ -7,6 +8,10 @@ optimizer, the batch sampler's generator, the RNG states and the run's counters.
 
 from __future__ import annotations
 
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -15,6 +20,37 @@ import torch
 from model import load_checkpoint, save_checkpoint
 
 BEST, LAST, FINAL = "best_model.pt", "last.pt", "final_model.pt"
+LOCK = ".trainer.lock"
+
+
+class FolderInUse(Exception):
+    """Another trainer holds the output folder."""
+
+
+@contextmanager
+def hold(out: Path) -> Iterator[None]:
+    """Keep every other trainer out of `out` while the block runs.
+
+    Two runs writing one folder would interleave their checkpoints and lose one's metrics.jsonl. The
+    lock is an flock on OUT/.trainer.lock, which holds the holder's PID: the kernel releases it when
+    the process ends, however it ends, so a SIGKILLed run never blocks the next --resume.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise FolderInUse(
+                f"another trainer (PID {holder}) is writing to {out}: wait for it to finish, stop it, or "
+                f"give this run another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import click
@@ -9,6 +10,7 @@ import click
 from model import CheckpointError, ContextLengthError
 from model.settings import build_settings, settings_options
 from trainer import commands, distributed
+from trainer.checkpoints import FolderInUse, hold
 from trainer.data import DataError
 from trainer.settings import TrainerSettings
 from trainer.train import Trainer, TrainingError
@@ -32,8 +34,10 @@ def fit(**flags):
     except ValueError as e:
         raise click.UsageError(f"--device: {e}") from None
     try:
-        Trainer(settings, ctx).run()
-    except (DataError, TrainingError, OSError) as e:
+        # Only the main process locks: the others of a torchrun job write nothing there.
+        with hold(settings.out) if ctx.is_main else nullcontext():
+            Trainer(settings, ctx).run()
+    except (DataError, TrainingError, FolderInUse, OSError) as e:
         raise click.ClickException(str(e)) from None
     finally:
         distributed.teardown(ctx)

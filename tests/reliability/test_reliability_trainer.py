@@ -182,3 +182,26 @@ def test_a_model_gone_non_finite_is_never_published(cache_dir, tmp_path, figures
         assert {p.name: p.read_bytes() for p in out.glob("*.pt")} == kept, what
     figures.update(runs_refused=len(cases), cases=[case[0] for case in cases])
 
+
+def test_one_trainer_per_folder_and_a_killed_holder_never_blocks_the_next_resume(cache_dir, tmp_path, figures):
+    out = tmp_path / "run"
+    fit = ["fit", *tiny_flags(cache_dir, out, "--checkpoint-interval", "1", "--resume")]
+    for _ in range(SCALE.trainer_kills):
+        resume_from = checkpoint_step(out, LAST)
+        holder = Trainer([*fit, "--steps", "100000"])
+        # Its second step: it holds the lock and has written a last.pt for the next round to resume.
+        wait_for(lambda: len(holder.steps()) >= 2, STARTUP, interval=0.01, message="the holder's second step")
+        # Refused before it reads, writes or removes anything in the folder (no "Training ..." line).
+        contender = invoke_fit(cache_dir, out, "--steps", "100000", "--resume", expect=1)
+        assert f"another trainer (PID {holder.process.pid}) is writing to {out}" in contender.output
+        assert "Training" not in contender.output and "Traceback" not in contender.output
+        holder.process.send_signal(signal.SIGKILL)
+        assert holder.finish() == -signal.SIGKILL, holder.output()
+        # The kernel dropped the killed holder's lock: this round's holder resumed where the last left off.
+        assert holder.steps()[0] == (resume_from or 0) + 1, holder.output()
+
+    final = checkpoint_step(out, LAST) + 2
+    assert Trainer([*fit, "--steps", str(final)]).finish() == 0
+    logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, final + 1))
+    figures.update(contenders_refused=SCALE.trainer_kills, holders_killed=SCALE.trainer_kills, final_step=final)
