@@ -18,7 +18,8 @@ LitServe:
 4. `LitServer._start_server(port, num_uvicorn_servers, log_level, sockets, uvicorn_worker_type, **kwargs)`,
    `_prepare_app_run`, `litserve.server._Server` (a uvicorn Server whose `run(worker_id, sockets)` sets 3):
    replaced so that HTTP servers run our uvicorn server (drain, then cut) and protocol (limits), and can
-   be started again one at a time when one dies.
+   be started again one at a time when one dies. `LitServer._register_internal_endpoints`, whose own
+   `GET /` ("litserve running"), registered before our routes, is taken out for the page (service/page.py).
 5. `LitServer._start_worker_monitoring(manager, uvicorn_workers)`, `inference_workers`,
    `launch_single_inference_worker`, `_perform_graceful_shutdown(manager, uvicorn_workers, reason)`, and
    the Manager's `_process` (multiprocessing): to supervise the HTTP servers and the Manager beside
@@ -70,6 +71,7 @@ log = logging.getLogger(__name__)
 RELIED_ON = {
     "litserve.server.LitServer._start_server": "HTTP servers run our uvicorn server and protocol, one at a time",
     "litserve.server.LitServer._prepare_app_run": "each HTTP server's app is prepared as LitServe does",
+    "litserve.server.LitServer._register_internal_endpoints": "its 'litserve running' at / gives way to the page",
     "litserve.server.LitServer._register_internal_endpoints": "its 'litserve running' at / gives way to the page",
     "litserve.server.LitServer._start_worker_monitoring": "the HTTP servers and the Manager are supervised",
     "litserve.server.LitServer._perform_graceful_shutdown": "every HTTP server is stopped at once",
@@ -442,6 +444,13 @@ class Server(ls.LitServer):
         # The main process waits this long for an HTTP server to drain and cut its streams before killing it.
         self.uvicorn_graceful_timeout = drain_timeout + 10
         self.exit_status = 0
+
+    def _register_internal_endpoints(self) -> None:
+        super()._register_internal_endpoints()
+        # LitServe answers / with "litserve running", registered before our routes and so shadowing the
+        # page (service/page.py) there.
+        routes = self.app.router.routes
+        routes[:] = [route for route in routes if getattr(route, "path", None) != "/"]
 
     def _register_internal_endpoints(self) -> None:
         super()._register_internal_endpoints()

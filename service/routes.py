@@ -27,6 +27,7 @@ from service import metrics, schemas
 from service.bridge import RouteSpec, WorkerCall, process_index
 from service.errors import LIMIT_EXCEEDED, APIError, ClientGone, Refusal, as_api_error, from_validation, waiting_for
 from service.messages import Accepted, GenerationRequest
+from service.page import Page
 from service.settings import ServiceSettings
 from service.status import Status, StatusBoard
 
@@ -66,6 +67,7 @@ class Routes:
             ("/metrics", self.metrics, ["GET"]),
         ):
             spec.add_endpoint(path, handler, methods)
+        Page(settings, self.authorize, spec)
 
     # Generation
 
