@@ -33,8 +33,9 @@ uvicorn (0.54):
    `on_message_begin`, `on_url`, `on_header`, `on_message_complete`, `on_response_complete`,
    `send_400_response`, `transport`, `cycle`): every request must arrive within --request-timeout, with
    bounded headers, and a malformed request is answered in the service's JSON error shape.
-8. `uvicorn.Server.shutdown(sockets)`, `servers`, `server_state.connections`: drain running streams, then
-   cut the rest with an error event rather than closing them mid-sentence.
+8. `uvicorn.Server.shutdown(sockets)`, `servers`, `server_state.connections`, `_captured_signals` (the
+   signals `capture_signals` raises again after the shutdown): drain running streams, then cut the rest
+   with an error event rather than closing them mid-sentence, and exit with a status that says which.
 """
 
 from __future__ import annotations
@@ -72,7 +73,6 @@ RELIED_ON = {
     "litserve.server.LitServer._start_server": "HTTP servers run our uvicorn server and protocol, one at a time",
     "litserve.server.LitServer._prepare_app_run": "each HTTP server's app is prepared as LitServe does",
     "litserve.server.LitServer._register_internal_endpoints": "its 'litserve running' at / gives way to the page",
-    "litserve.server.LitServer._register_internal_endpoints": "its 'litserve running' at / gives way to the page",
     "litserve.server.LitServer._start_worker_monitoring": "the HTTP servers and the Manager are supervised",
     "litserve.server.LitServer._perform_graceful_shutdown": "every HTTP server is stopped at once",
     "litserve.server.LitServer.launch_single_inference_worker": "no worker is respawned during a shutdown",
@@ -87,6 +87,7 @@ RELIED_ON = {
     "uvicorn.protocols.http.httptools_impl.HttpToolsProtocol.on_response_complete": "keep-alive requests too",
     "uvicorn.protocols.http.httptools_impl.HttpToolsProtocol.send_400_response": "malformed requests as JSON",
     "uvicorn.server.Server.shutdown": "running streams drain, then get an error event",
+    "uvicorn.server.Server.capture_signals": "its _captured_signals, raised again after a shutdown, are dropped",
 }
 
 
@@ -422,11 +423,13 @@ class DrainingServer(litserve.server._Server):
             while self.server_state.connections and time.monotonic() < flush_deadline:
                 await asyncio.sleep(0.05)
         await super().shutdown(sockets)
+        # uvicorn raises the signal that stopped it again once it has shut down, which would end this process
+        # with "killed by SIGTERM" after a clean drain: its exit status says how the drain went instead.
+        self._captured_signals.clear()
 
     def run(self, worker_id: int, sockets=None) -> None:
         super().run(worker_id, sockets)
-        if DrainingServer.cut:
-            os._exit(3)
+        os._exit(3 if DrainingServer.cut else 0)
 
 
 class Server(ls.LitServer):
@@ -444,13 +447,6 @@ class Server(ls.LitServer):
         # The main process waits this long for an HTTP server to drain and cut its streams before killing it.
         self.uvicorn_graceful_timeout = drain_timeout + 10
         self.exit_status = 0
-
-    def _register_internal_endpoints(self) -> None:
-        super()._register_internal_endpoints()
-        # LitServe answers / with "litserve running", registered before our routes and so shadowing the
-        # page (service/page.py) there.
-        routes = self.app.router.routes
-        routes[:] = [route for route in routes if getattr(route, "path", None) != "/"]
 
     def _register_internal_endpoints(self) -> None:
         super()._register_internal_endpoints()
@@ -518,10 +514,10 @@ class Server(ls.LitServer):
         # LitServe stops the HTTP servers one after another, each draining up to the timeout while the others
         # still take new requests: signal them all first so they stop accepting together.
         for worker in uvicorn_workers.values():
-            if isinstance(worker, mp.Process) and worker.is_alive():
+            if worker.is_alive():
                 worker.terminate()
         super()._perform_graceful_shutdown(manager, uvicorn_workers, shutdown_reason)
-        cut = [w.exitcode for w in uvicorn_workers.values() if isinstance(w, mp.Process) and w.exitcode]
+        cut = [worker.exitcode for worker in uvicorn_workers.values() if worker.exitcode]
         if cut:
             log.error("stopped without a clean drain: HTTP server exit statuses %s", cut)
             self.exit_status = 1

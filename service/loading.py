@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from model import GPT, CheckpointError, Engine, Tokenizer, load_checkpoint, packing
+from model.device import DTYPES, measure_dtype
 from model.quantize import quantize
 from service.messages import ModelInfo
+
+log = logging.getLogger(__name__)
 
 # Logits of this prompt must be finite before a model is served: weights that overflow in the served
 # precision (or that were garbage to begin with) would otherwise answer nonsense while /health says ready.
@@ -28,14 +32,15 @@ class ModelLoader:
     def __init__(
         self,
         device: torch.device,
-        dtype: torch.dtype,
+        dtype: str,
         quantization: str,
         pack_weights: bool,
         tokenizer: Tokenizer,
         max_batch_size: int,
     ):
         self.device = device
-        self.dtype = dtype
+        # None until --dtype auto has measured which precision decodes faster (at the first load).
+        self.dtype: torch.dtype | None = None if dtype == "auto" else DTYPES[dtype]
         self.quantization = quantization
         # Quantized layers have packed formats of their own; GPUs have no use for oneDNN's.
         self.pack = pack_weights and quantization == "none" and device.type == "cpu" and packing.available()
@@ -45,7 +50,7 @@ class ModelLoader:
 
     @property
     def dtype_name(self) -> str:
-        return {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(self.dtype, str(self.dtype))
+        return next((name for name, dtype in DTYPES.items() if dtype == self.dtype), "auto")
 
     @property
     def weights(self) -> str:
@@ -95,11 +100,27 @@ class ModelLoader:
                 f"{source}: a vocabulary of {model.config.vocab_size} tokens does not fit the "
                 f"{self.tokenizer.vocab_size} of tokenizer {self.tokenizer.name}"
             )
-        model = quantize(model.to(self.dtype).eval(), self.quantization)
-        if self.pack:
-            model = packing.pack(model)
+        if self.dtype is None:
+            model = self._choose_dtype(model)
+        else:
+            model = self._prepare(model, self.dtype)
         self._probe(model, source)
         return Loaded(Engine(model, self.tokenizer, self.max_batch_size), info)
+
+    def _prepare(self, model: GPT, dtype: torch.dtype) -> GPT:
+        model = quantize(model.to(dtype).eval(), self.quantization)
+        return packing.pack(model) if self.pack else model
+
+    def _choose_dtype(self, model: GPT) -> GPT:
+        """--dtype auto: time a full batch's decode step in each precision, serve the faster from now on."""
+        choice = measure_dtype(model, self.max_batch_size, model.config.block_size, prepare=self._prepare)
+        self.dtype = choice.dtype
+        timings = ", ".join(f"{name} {seconds * 1000:.1f} ms" for name, seconds in choice.seconds_per_step.items())
+        log.info(
+            "--dtype auto: a decode step of %d rows over %d positions took %s; serving %s",
+            self.max_batch_size, model.config.block_size, timings, self.dtype_name,
+        )  # fmt: skip
+        return choice.model
 
     def _probe(self, model: GPT, source) -> None:
         tokens = self.tokenizer.encode(PROBE)[: model.config.block_size]

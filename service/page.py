@@ -89,11 +89,12 @@ class Curve:
                 self.stride *= 2
         self.count += 1
 
-    def view(self) -> list[tuple[int, float]]:
-        """The kept points, ending with the newest one whether it was kept or not."""
-        if self.last is not None and (not self.points or self.points[-1] is not self.last):
-            return [*self.points, self.last]
-        return list(self.points)
+    def view(self) -> list[list]:
+        """The kept points as [step, value] pairs, ending with the newest one whether it was kept or not."""
+        points = self.points
+        if self.last is not None and (not points or points[-1] is not self.last):
+            points = [*points, self.last]
+        return [list(point) for point in points]
 
 
 class TrainingLog:

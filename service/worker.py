@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 
 import torch
 
-from model import Tokenizer, autocast_dtype
+from model import Tokenizer
 from service import bridge, metrics, signals
 from service.loading import Loaded, ModelLoader
 from service.logs import configure_logging
@@ -83,17 +83,12 @@ def start_worker(settings: ServiceSettings, board: StatusBoard, controls: list, 
     importlib.import_module("torch._dynamo")
     torch_device = torch.device(device)
     loader = ModelLoader(
-        torch_device,
-        autocast_dtype(torch_device, settings.dtype),
-        settings.quantize,
-        settings.pack_weights,
-        Tokenizer(),
-        settings.max_batch_size,
+        torch_device, settings.dtype, settings.quantize, settings.pack_weights, Tokenizer(), settings.max_batch_size
     )
-    log.info("worker %d serves %s on %s", worker_id, loader.weights, torch_device)
     scheduler = Scheduler(worker_id, settings.max_queued_requests, board, str(settings.checkpoint_path))
 
     def install(loaded: Loaded) -> None:
+        log.info("worker %d serves %s on %s", worker_id, loader.weights, torch_device)
         scheduler.install(loaded)
         board.post(worker_id, loaded.info, loader.dtype_name)
         metrics.MODEL_STEP.set(math.nan if loaded.info.step is None else loaded.info.step)
