@@ -1,12 +1,18 @@
-"""Decode speed of the engine against transformers' `generate`, on the same weights, prompt and length.
+"""Decode speed of the engine against the engines a user would pick instead, on the same weights.
 
     python -m bench.bench_decode [--preset gpt2] [--new-tokens 128] [--checkpoint best_model.pt --data text]
 
-Both sides decode greedily from the same 16-token prompt for exactly --new-tokens tokens, at batch 1
-and at batch 8, after one warm-up run. The engine runs in fp32 and bf16 with plain weights and with
-weights packed for oneDNN (the service's CPU default), and with int8 / int4 weight-only
-quantization; transformers in fp32 and bf16. With a trained checkpoint and a text file, the
-validation loss of each engine variant shows what quantization costs in quality.
+Every implementation decodes greedily from the same 32-token prompt for exactly --new-tokens tokens,
+at batch 1 and at batch 8 (the engine also at 16), after one warm-up run, with the same torch/OpenMP
+thread count: the engine in fp32 and bf16 with plain weights and with weights packed for oneDNN
+(the service's CPU default), and with int8 / int4 weight-only quantization; transformers' generate
+in fp32 and bf16; and the peers of bench.peers (llama.cpp, CTranslate2, onnxruntime) at each of
+their precisions, which need the benchmark environment (`make bench-env`; without it they are
+reported missing). The weights are random, scaled as the tests' `sharpen` does so that greedy
+tokens are decided by real margins; each row says how many of its first 32 tokens match the
+engine's fp32 ones. The same run measures the machine's memory-read bandwidth, and from it the
+batch-1 bound of each precision (every weight read once per token). With a trained checkpoint and
+a text file, the validation loss of each engine variant shows what quantization costs in quality.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import torch
 from transformers import GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
+from bench import peers
 from bench.common import print_table, write_result
 from model import GPT, Engine, GPTConfig, SamplingParams, Tokenizer, load_checkpoint
 from model import packing
@@ -30,6 +37,24 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # (dtype, weights): plain, packed (model.packing) or a weight-only quantization (model.quantize).
 ENGINE_VARIANTS = [("fp32", "plain"), ("fp32", "packed"), ("bf16", "plain"), ("bf16", "packed"), ("bf16", "int8"),
                    ("bf16", "int4")]  # fmt: skip
+# Bytes per weight of each precision, for the batch-1 bound.
+WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "int8": 1, "int4": 0.5}
+SHARPEN = 8.0  # as tests/modelkit.py's sharpen
+AGREEMENT_TOKENS = 32
+
+
+def precision(dtype: str, weights: str) -> str:
+    """The precision the weights are read in: the dtype, or the quantization."""
+    return weights if weights in WEIGHT_BYTES else dtype
+
+
+def sharpened(model: GPT) -> GPT:
+    """Weight matrices scaled by SHARPEN: logits far apart, so greedy tokens are decided by margins."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("weight") and p.dim() == 2:
+                p.mul_(SHARPEN)
+    return model
 
 
 def engine_model(model: GPT, dtype: str, weights: str) -> GPT:
@@ -40,25 +65,49 @@ def engine_model(model: GPT, dtype: str, weights: str) -> GPT:
     return quantize(copied, "none" if weights == "plain" else weights)
 
 
-def time_engine(model: GPT, prompt: list[int], batch: int, new_tokens: int) -> float:
-    engine = Engine(model, max_batch_size=batch, max_seq_len=len(prompt) + new_tokens)
-    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, stop_at_eot=False)
-    engine.generate_tokens([prompt] * batch, SamplingParams(max_new_tokens=8, temperature=0.0))
+def engine_generate(model: GPT):
+    def generate(prompt: list[int], batch: int, new_tokens: int) -> list[list[int]]:
+        engine = Engine(model, max_batch_size=batch, max_seq_len=len(prompt) + new_tokens)
+        return engine.generate_tokens([prompt] * batch, SamplingParams(max_new_tokens=new_tokens, temperature=0.0,
+                                                                       stop_at_eot=False))  # fmt: skip
+
+    return generate
+
+
+def transformers_generate(hf: GPT2LMHeadModel):
+    def generate(prompt: list[int], batch: int, new_tokens: int) -> list[list[int]]:
+        idx = torch.tensor([prompt] * batch)
+        kwargs = dict(do_sample=False, pad_token_id=50256, attention_mask=torch.ones_like(idx))
+        with torch.no_grad():
+            out = hf.generate(idx, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+        return out[:, len(prompt) :].tolist()
+
+    return generate
+
+
+def timed(generate, prompt: list[int], batch: int, new_tokens: int) -> tuple[float, list[int]]:
+    """Tokens/s of one run after a short warm-up, and the first row's tokens."""
+    generate(prompt, batch, 8)
     start = time.perf_counter()
-    engine.generate_tokens([prompt] * batch, params)
-    return batch * new_tokens / (time.perf_counter() - start)
+    out = generate(prompt, batch, new_tokens)
+    elapsed = time.perf_counter() - start
+    assert len(out) == batch and all(len(row) == new_tokens for row in out), "every row decodes new_tokens tokens"
+    return batch * new_tokens / elapsed, out[0]
 
 
-def time_transformers(hf: GPT2LMHeadModel, prompt: list[int], batch: int, new_tokens: int) -> float:
-    idx = torch.tensor([prompt] * batch)
-    kwargs = dict(do_sample=False, pad_token_id=50256, attention_mask=torch.ones_like(idx))
-    with torch.no_grad():
-        hf.generate(idx, max_new_tokens=8, **kwargs)
-        start = time.perf_counter()
-        out = hf.generate(idx, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
-        elapsed = time.perf_counter() - start
-    assert out.shape[1] == len(prompt) + new_tokens
-    return batch * new_tokens / elapsed
+def time_engine(model: GPT, prompt: list[int], batch: int, new_tokens: int) -> float:
+    """The engine's greedy tokens/s (bench/gpu.py's decode section uses it on a GPU)."""
+    return timed(engine_generate(model), prompt, batch, new_tokens)[0]
+
+
+def agreement(tokens: list[int], reference: list[int]) -> int:
+    """How many of the first AGREEMENT_TOKENS tokens match the reference before the first difference."""
+    matched = 0
+    for ours, theirs in zip(tokens[:AGREEMENT_TOKENS], reference[:AGREEMENT_TOKENS]):
+        if ours != theirs:
+            break
+        matched += 1
+    return matched
 
 
 def validation_loss(model: GPT, tokens: torch.Tensor, block: int, blocks: int = 16) -> float:
@@ -85,44 +134,81 @@ def quality(checkpoint: Path, data: Path) -> list[dict]:
     return rows
 
 
+def measure(rows: list[dict], impl: str, dtype: str, weights: str, generate, prompt, batches, new_tokens, reference):
+    for batch in batches:
+        rate, first = timed(generate, prompt, batch, new_tokens)
+        if reference is not None and not reference:
+            reference.extend(first)
+        rows.append({"impl": impl, "dtype": dtype, "weights": weights, "precision": precision(dtype, weights),
+                     "batch": batch, "tokens_per_s": rate, "agrees": f"{agreement(first, reference)}/{AGREEMENT_TOKENS}",
+                     "missing": None})  # fmt: skip
+        print_table(f"{impl} {dtype} {weights} batch {batch}", rows[-1:])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="gpt2")
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="batch sizes of every implementation")
+    parser.add_argument("--engine-batches", type=int, nargs="+", default=[16], help="more batch sizes of the engine")
+    parser.add_argument("--peers", nargs="*", default=list(peers.PRECISIONS), choices=list(peers.PRECISIONS))
     parser.add_argument("--checkpoint", type=Path, help="a trained checkpoint for the quality table")
     parser.add_argument("--data", type=Path, help="text whose last tenth is the validation split")
     args = parser.parse_args()
     hf_logging.set_verbosity_error()
+    threads = torch.get_num_threads()
 
     torch.manual_seed(0)
-    model = GPT(GPTConfig.from_preset(args.preset)).eval()
+    model = sharpened(GPT(GPTConfig.from_preset(args.preset))).eval()
+    prompt = torch.randint(0, 50257, (args.prompt_tokens,), generator=torch.Generator().manual_seed(1)).tolist()
+    bandwidth = peers.read_bandwidth()
+    bounds = {name: bandwidth / peers.bytes_per_token(model, size) for name, size in WEIGHT_BYTES.items()}
+    print_table("Memory-read bandwidth and the batch-1 bound it sets",
+                [{"bandwidth_GB_per_s": bandwidth / 1e9, **{f"{k}_tokens_per_s": v for k, v in bounds.items()}}])
+
+    rows: list[dict] = []
+    reference: list[int] = []  # the engine's fp32 tokens, which every row is compared with
+    for dtype, weights in ENGINE_VARIANTS:
+        variant = engine_model(model, dtype, weights)
+        batches = args.batches + (args.engine_batches if weights == "packed" else [])
+        measure(rows, "engine", dtype, weights, engine_generate(variant), prompt, batches, args.new_tokens, reference)
+        del variant
     with tempfile.TemporaryDirectory() as directory:
         model.save_pretrained(directory)
         hf_fp32 = GPT2LMHeadModel.from_pretrained(directory).eval()
-    prompt = torch.randint(0, 50257, (16,), generator=torch.Generator().manual_seed(1)).tolist()
-
-    rows = []
     for name, dtype in DTYPES.items():
         hf = copy.deepcopy(hf_fp32).to(dtype)
-        for batch in (1, args.batch):
-            rows.append({"impl": "transformers", "dtype": name, "weights": "plain", "batch": batch,
-                         "tokens_per_s": time_transformers(hf, prompt, batch, args.new_tokens)})
-    for dtype, weights in ENGINE_VARIANTS:
-        variant = engine_model(model, dtype, weights)
-        for batch in (1, args.batch):
-            rows.append({"impl": "engine", "dtype": dtype, "weights": weights, "batch": batch,
-                         "tokens_per_s": time_engine(variant, prompt, batch, args.new_tokens)})
+        measure(rows, "transformers", name, "plain", transformers_generate(hf), prompt, args.batches,
+                args.new_tokens, reference)  # fmt: skip
+    key = f"{args.preset}-seed0-sharpen{SHARPEN:g}"
+    for name in args.peers:
+        for wanted in ("fp32", "bf16", "int8"):
+            if wanted not in peers.PRECISIONS[name]:
+                continue
+            weights = peers.PRECISIONS[name][wanted]
+            try:
+                peer = peers.load(name, wanted, model, key, threads)
+                measure(rows, name, wanted, weights, peer.generate, prompt, args.batches, args.new_tokens, reference)
+            except peers.Missing as e:
+                print(f"\n{name} {wanted}: missing: {e}", flush=True)
+                rows += [{"impl": name, "dtype": wanted, "weights": weights, "precision": wanted, "batch": batch,
+                          "tokens_per_s": None, "agrees": None, "missing": str(e)} for batch in args.batches]  # fmt: skip
 
-    reference = max(r["tokens_per_s"] for r in rows if r["impl"] == "transformers" and r["batch"] == 1)
+    transformers_single = [r["tokens_per_s"] for r in rows if r["impl"] == "transformers" and r["batch"] == 1]
+    reference_rate = max(transformers_single)
     single = {(r["impl"], r["dtype"], r["weights"]): r["tokens_per_s"] for r in rows if r["batch"] == 1}
     for row in rows:
-        row["vs_transformers_batch1"] = row["tokens_per_s"] / reference
-        row["vs_own_batch1"] = row["tokens_per_s"] / single[(row["impl"], row["dtype"], row["weights"])]
-    print_table(f"Greedy decode, {args.preset} shape, 16-token prompt, {args.new_tokens} new tokens", rows)
+        rate, own = row["tokens_per_s"], single.get((row["impl"], row["dtype"], row["weights"]))
+        row["vs_transformers_batch1"] = rate / reference_rate if rate else None
+        row["vs_own_batch1"] = rate / own if rate and own else None
+        row["of_bound"] = rate / bounds[row["precision"]] if rate and row["batch"] == 1 else None
+    print_table(f"Greedy decode, {args.preset} shape, {len(prompt)}-token prompt, {args.new_tokens} new tokens, "
+                f"{threads} threads", rows)  # fmt: skip
 
-    result = {"preset": args.preset, "new_tokens": args.new_tokens, "prompt_tokens": len(prompt),
-              "transformers_batch1_tokens_per_s": reference, "rows": rows}
+    result = {"preset": args.preset, "new_tokens": args.new_tokens, "prompt_tokens": len(prompt), "threads": threads,
+              "sharpen": SHARPEN, "bandwidth_bytes_per_s": bandwidth, "batch1_bound_tokens_per_s": bounds,
+              "transformers_batch1_tokens_per_s": reference_rate, "rows": rows}  # fmt: skip
     if args.checkpoint and args.data:
         result["quality"] = quality(args.checkpoint, args.data)
         print_table(f"Validation loss by engine precision ({args.checkpoint})", result["quality"])

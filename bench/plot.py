@@ -3,7 +3,9 @@
     python -m bench.plot [--results-dir bench/results] [--out-dir bench/results]
 
 Draws train_quality.png (validation loss against training time, trainer and seed-style reference),
-train_throughput.png, decode.png (tokens/s by engine and precision at batch 1 and batched) and
+train_throughput.png, decode.png (tokens/s by engine and precision at batch 1 and batched),
+decode_peers.png (the engine against llama.cpp, CTranslate2 and onnxruntime per precision and batch,
+with the memory-bandwidth bound at batch 1) and
 serve_sweep.png (throughput and latency percentiles against concurrency, one row per preset and
 device); gpu_train.png (training loss against wall clock, with the target) when a GPU run is in.
 """
@@ -61,7 +63,7 @@ def train_throughput(record: dict, path: Path) -> Path:
 
 
 def decode(record: dict, path: Path) -> Path:
-    rows = record["rows"]
+    rows = [r for r in record["rows"] if r["impl"] in ("engine", "transformers")]
     variants = list(dict.fromkeys((r["impl"], r["dtype"], r["weights"]) for r in rows))
     batches = sorted({r["batch"] for r in rows})
     rate = {(r["impl"], r["dtype"], r["weights"], r["batch"]): r["tokens_per_s"] for r in rows}
@@ -77,6 +79,37 @@ def decode(record: dict, path: Path) -> Path:
     ax.set_ylabel("tokens/s")
     ax.set_title(f"Greedy decode, {record['preset']} shape, {record['new_tokens']} new tokens")
     ax.legend()
+    return save(fig, path)
+
+
+def decode_peers(record: dict, path: Path) -> Path:
+    """One group of bars per precision and batch, one bar per implementation (the engine's fastest
+    weight layout at that precision), the batch-1 bound as a dashed line over its group."""
+    rows = [r for r in record["rows"] if r["tokens_per_s"] is not None]
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    batches = sorted({r["batch"] for r in rows if r["impl"] != "engine"})
+    groups = [(p, b) for p in ("fp32", "bf16", "int8") for b in batches]
+    best = {}
+    for r in rows:
+        key = (r["impl"], r["precision"], r["batch"])
+        best[key] = max(best.get(key, 0.0), r["tokens_per_s"])
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    width = 0.8 / len(impls)
+    for i, impl in enumerate(impls):
+        xs = [g + (i - (len(impls) - 1) / 2) * width for g in range(len(groups))]
+        values = [best.get((impl, p, b), 0.0) for p, b in groups]
+        bars = ax.bar(xs, values, width, label=impl)
+        ax.bar_label(bars, labels=[f"{v:.0f}" if v else "" for v in values], fontsize=6, padding=1, rotation=90)
+    for g, (precision, batch) in enumerate(groups):
+        if batch == 1:
+            bound = record["batch1_bound_tokens_per_s"][precision]
+            ax.hlines(bound, g - 0.45, g + 0.45, colors="black", linestyles="--", linewidth=1)
+    ax.plot([], [], "k--", linewidth=1, label="memory bound (batch 1)")
+    ax.set_xticks(range(len(groups)), [f"{p}\nbatch {b}" for p, b in groups], fontsize=8)
+    ax.set_ylabel("tokens/s")
+    ax.set_title(f"Greedy decode against the peers, {record['preset']} shape, {record['threads']} threads, "
+                 f"{record['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s read")  # fmt: skip
+    ax.legend(fontsize=7)
     return save(fig, path)
 
 
@@ -131,6 +164,7 @@ def draw(results_dir: Path, out_dir: Path) -> list[Path]:
         train_quality(records["train_quality"], out_dir / "train_quality.png"),
         train_throughput(records["train_throughput"], out_dir / "train_throughput.png"),
         decode(records["decode"], out_dir / "decode.png"),
+        decode_peers(records["decode"], out_dir / "decode_peers.png"),
     ]
     serve = serve_record(records)
     cpu = serve["machine"]["cpu"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from bench import plot
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-FIGURES = {"train_quality.png", "train_throughput.png", "decode.png", "serve_sweep.png", "gpu_train.png"}
+FIGURES = {"train_quality.png", "train_throughput.png", "decode.png", "decode_peers.png", "serve_sweep.png", "gpu_train.png"}
 
 
 def test_every_figure_is_drawn_as_a_png(results, tmp_path):

@@ -94,3 +94,21 @@ def test_only_the_files_of_the_last_suite_are_read(results):
     records = read_results(results)
     assert "serve_mini_gpt2_passive" in records
     assert "serve_mini_active" not in records  # serve_stale.json: in the folder, not in suite.json
+
+
+def test_the_engine_is_judged_against_the_fastest_peer_and_the_memory_bound(results, tmp_path):
+    body = section(write_report(results, tmp_path / "README.md"))
+    # The fixture: issue 14's figures, onnxruntime missing, 45 GB/s over gpt2's 124M weights.
+    assert ("| Decode against the fastest peer (fp32, batch 1) | engine packed: 73.0 tokens/s "
+            "| CTranslate2 float32: 81.0 tokens/s | 0.90× | ≥ 1× | **no** |") in body
+    assert ("| Decode against the fastest peer (int8, batch 8) | engine int8: 440 tokens/s "
+            "| llama.cpp q8_0: 390 tokens/s | 1.13× | ≥ 1× | yes |") in body
+    assert ("| Batch-1 decode against the memory bound (bf16) | engine packed: 115 tokens/s "
+            "| 45 GB/s over the weights: 182 tokens/s | 63% | ≥ 90% | **no** |") in body
+    assert "| implementation | fp32 b1 | fp32 b8 | bf16 b1 | bf16 b8 | int8 b1 | int8 b8 |" in body
+    assert "| llama.cpp | 79 (32/32) | 343 (32/32) | 163 (32/32) | 547 (32/32) | 212 (30/32) | 390 (30/32) |" in body
+    assert "| onnxruntime | missing | missing | — | — | missing | missing |" in body
+    assert "- onnxruntime int8: pip install failed (.cache/bench/install-onnxruntime.log)" in body
+    assert "![decode tokens/s by precision against the peers](bench/results/decode_peers.png)" in body
+    summary = json.loads((results / "summary.json").read_text())
+    assert sum(row["benchmark"].startswith("Decode against the fastest peer") for row in summary["rows"]) == 6
