@@ -114,21 +114,31 @@ def read_checkpoint(path, map_location="cpu") -> dict:
 def _open_regular_file(path: Path) -> BinaryIO:
     """`path` opened for reading if it is a regular file; CheckpointError otherwise.
 
-    Opened without blocking and checked on the open descriptor: a FIFO, device or socket named like a
-    checkpoint would otherwise block the reader forever, and a check before opening could be raced.
+    Checked before opening (a socket cannot be opened at all) and again on the descriptor, opened without
+    blocking (a FIFO, device or socket named like a checkpoint would otherwise block the reader forever,
+    and the path could be swapped between the two).
     """
     try:
+        _check_regular(path, os.stat(path).st_mode)
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError as e:
         raise CheckpointError(f"{path}: no such checkpoint") from e
     except OSError as e:
         raise CheckpointError(f"{path}: cannot be opened ({e.strerror or e})") from e
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
+    try:
+        _check_regular(path, os.fstat(fd).st_mode)
+    except CheckpointError:
         os.close(fd)
-        kind = "folder" if stat.S_ISDIR(mode) else "FIFO" if stat.S_ISFIFO(mode) else "device or socket"
-        raise CheckpointError(f"{path}: not a regular file but a {kind}")
+        raise
     return os.fdopen(fd, "rb")
+
+
+def _check_regular(path: Path, mode: int) -> None:
+    if stat.S_ISREG(mode):
+        return
+    kinds = {stat.S_ISDIR: "folder", stat.S_ISFIFO: "FIFO", stat.S_ISSOCK: "socket", stat.S_ISCHR: "device"}
+    kind = next((name for test, name in kinds.items() if test(mode)), "device")
+    raise CheckpointError(f"{path}: not a regular file but a {kind}")
 
 
 def check_finite(model: nn.Module, source) -> None:
