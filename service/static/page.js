@@ -275,7 +275,7 @@
     const val = curves ? curves.val : [];
     const marker = served && served.step !== null ? served : null;
     if (!train.length && !val.length) {
-      const text = svg("text", { x: 320, y: 160, "text-anchor": "middle", class: "empty" }, chart);
+      const text = svg("text", { x: 320, y: 170, "text-anchor": "middle", class: "empty" }, chart);
       text.textContent = curves ? "no training records yet" : "loading the training curve…";
       return;
     }
@@ -305,7 +305,8 @@
       const label = svg("text", { x: x(v), y: box.bottom + 18, "text-anchor": "middle", class: "tick" }, chart);
       label.textContent = v.toLocaleString();
     }
-    svg("text", { x: box.right, y: box.bottom - 6, "text-anchor": "end", class: "tick" }, chart).textContent = "step";
+    const axisTitle = { x: (box.left + box.right) / 2, y: box.bottom + 36, "text-anchor": "middle", class: "tick" };
+    svg("text", axisTitle, chart).textContent = "step";
     svg("text", { x: box.left + 6, y: box.top + 4, class: "tick" }, chart).textContent = "loss";
     const line = (curve) => curve.map(([s, l]) => `${x(s).toFixed(1)},${y(l).toFixed(1)}`).join(" ");
     svg("polyline", { points: line(train), class: "train" }, chart);

@@ -23,7 +23,10 @@ from servicekit import API_KEY, publish
 
 ROOT = Path(__file__).resolve().parents[2]
 OPEN_ROUTES = {"/", "/live", "/info", "/health", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
-GENERATION_ROUTES = {"/predict": "POST", "/v1/completions": "POST", "/v1/models": "GET", "/v1/models/{model_id}": "GET"}
+# The page's files are the same for everyone and hold no data; the page must load to ask for the key.
+OPEN_ROUTES |= {"/static/page.css", "/static/page.js", "/static/icon.svg"}
+GENERATION_ROUTES = {"/predict": "POST", "/v1/completions": "POST", "/v1/models": "GET", "/v1/models/{model_id}": "GET",
+                     "/v1/training": "GET"}  # fmt: skip
 WRONG_KEY = "wrong-key-that-must-not-leak-5f2b"
 NEAR_MISSES = [None, f"Bearer {WRONG_KEY}", f"Bearer {API_KEY[:-1]}", f"Bearer {API_KEY}x", f"Bearer {API_KEY.upper()}",
                f"Token {API_KEY}", API_KEY, f"Bearer  {API_KEY[1:]}"]  # fmt: skip
@@ -45,7 +48,8 @@ def test_every_route_is_either_open_or_needs_the_key(reliable):
 
 @pytest.mark.parametrize(
     "path, stream", [("/predict", False), ("/predict", True), ("/v1/completions", False),
-                     ("/v1/completions", True), ("/v1/models", False), ("/v1/models/gpt", False)]  # fmt: skip
+                     ("/v1/completions", True), ("/v1/models", False), ("/v1/models/gpt", False),
+                     ("/v1/training", False)]  # fmt: skip
 )
 def test_generation_routes_refuse_every_near_miss_key_before_generating(reliable, path, stream):
     body = {"prompt": "Let me in", "max_new_tokens": 2, "stream": stream}

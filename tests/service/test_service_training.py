@@ -1,0 +1,113 @@
+"""`GET /v1/training`: the training run's loss curve, read from the trainer's metrics.jsonl.
+
+Against the shared service (its checkpoint folder gets a metrics.jsonl of the tests' making, removed
+after), and the reader itself over long files, where each answer must cost a bounded amount of work.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+
+import httpx
+import pytest
+
+from model.checkpoint import atomic_write
+from service.page import MAX_POINTS, METRICS_FILE, TrainingLog
+from trainer.report import METRICS_FILE as TRAINER_METRICS_FILE
+
+
+def record(step: int, loss: float, val_loss: float | None = None) -> str:
+    fields = {"step": step, "loss": loss, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_sec": 1000.0, "elapsed": step,
+              "tokens": step * 512}  # fmt: skip
+    if val_loss is not None:
+        fields["val_loss"] = val_loss
+    return json.dumps(fields) + "\n"
+
+
+@pytest.fixture
+def metrics_file(served):
+    path = served.checkpoint_dir / METRICS_FILE
+    yield path
+    path.unlink(missing_ok=True)
+
+
+def training(service) -> dict:
+    response = httpx.get(service.url + "/v1/training", headers=service.headers)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_the_service_reads_the_file_the_trainer_writes():
+    assert METRICS_FILE == TRAINER_METRICS_FILE
+
+
+def test_no_file_is_an_empty_curve_not_an_error(served, metrics_file):
+    assert training(served) == {"object": "training", "records": 0, "train": [], "val": [], "latest": None,
+                                "complete": True}  # fmt: skip
+
+
+def test_the_route_follows_the_key_rule(served):
+    response = httpx.get(served.url + "/v1/training")
+    assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_curves_follow_the_file_as_the_trainer_appends_rewrites_and_truncates_it(served, metrics_file):
+    metrics_file.write_text(record(10, 5.0) + record(20, 4.0, val_loss=4.5) + '{"step": 30, "loss": 3.')
+    body = training(served)
+    # The last record is still being written: not counted until its line is complete.
+    assert body["records"] == 2 and body["complete"] is False
+    assert body["train"] == [[10, 5.0], [20, 4.0]] and body["val"] == [[20, 4.5]]
+    assert body["latest"] == {"step": 20, "loss": 4.0, "val_loss": 4.5, "lr": 1e-3, "tokens_per_sec": 1000.0,
+                              "elapsed": 20, "tokens": 10240}  # fmt: skip
+
+    with metrics_file.open("a") as file:
+        file.write('5}\nnot json\n{"step": "40"}\n{"step": 50, "loss": NaN, "val_loss": Infinity}\n' + record(60, 2.0))
+    body = training(served)
+    # Lines that are no records are passed over, and so are values that JSON cannot carry.
+    assert body["records"] == 5 and body["complete"] is True
+    assert body["train"] == [[10, 5.0], [20, 4.0], [30, 3.5], [60, 2.0]] and body["val"] == [[20, 4.5]]
+
+    # A resumed run rewrites the file (a new one, atomically) without the records past its checkpoint.
+    atomic_write(metrics_file, (record(10, 5.0) + record(20, 4.0, val_loss=4.5) + record(22, 3.9)).encode())
+    assert training(served)["train"] == [[10, 5.0], [20, 4.0], [22, 3.9]]
+    # Shortened in place, it is read again from the start.
+    with metrics_file.open("r+") as file:
+        file.truncate(len(record(10, 5.0)))
+    assert training(served)["train"] == [[10, 5.0]]
+
+
+def test_a_long_run_is_read_in_bounded_slices_and_answered_in_bounded_curves(tmp_path):
+    path = tmp_path / METRICS_FILE
+    steps = 30_000
+    with path.open("w") as file:
+        for step in range(1, steps + 1):
+            file.write(record(step, 10 - step / steps, val_loss=10 - step / steps if step % 100 == 0 else None))
+    budget = 256 * 1024
+    log = TrainingLog(path, budget=budget)
+    answers = []
+    while not answers or not answers[-1]["complete"]:
+        answers.append(log.read())
+        assert len(answers) < 100
+    # Each answer read at most the budget, so catching up took several.
+    assert len(answers) >= os.path.getsize(path) // budget
+    last = answers[-1]
+    assert last["records"] == steps and last["latest"]["step"] == steps
+    for answer in answers:
+        assert len(answer["train"]) <= MAX_POINTS + 1 and len(answer["val"]) <= MAX_POINTS + 1
+    train = [step for step, _ in last["train"]]
+    # Evenly thinned from the first step, and ending at the newest.
+    assert train[0] == 1 and train[-1] == steps and len(train) > MAX_POINTS / 2
+    gaps = {b - a for a, b in itertools.pairwise(train[:-1])}
+    assert len(gaps) == 1
+    assert [step for step, _ in last["val"]] == list(range(100, steps + 1, 100))
+
+
+def test_a_line_longer_than_the_budget_is_passed_over(tmp_path):
+    path = tmp_path / METRICS_FILE
+    path.write_text(record(1, 5.0) + "x" * 3000 + "\n" + record(2, 4.0))
+    log = TrainingLog(path, budget=1024)
+    while not (answer := log.read())["complete"]:
+        pass
+    assert answer["train"] == [[1, 5.0], [2, 4.0]]
