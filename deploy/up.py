@@ -121,6 +121,7 @@ def start(settings: UpSettings) -> list[Child]:
 def banner(settings: UpSettings, children: list[Child]) -> None:
     names = {c.name for c in children}
     lines = [
+        f"Page         http://127.0.0.1:{settings.port}/  (talk to the model, watch it learn)",
         f"API          http://127.0.0.1:{settings.port}  (readiness: /health, metrics: /metrics)",
         f"Trainer      http://127.0.0.1:{settings.trainer_metrics_port}/metrics, checkpoints in {settings.checkpoint_dir}/",
         f"Prometheus   http://127.0.0.1:{settings.prometheus_port}" if "prometheus" in names
