@@ -18,10 +18,13 @@ class Scale:
     soak_concurrency: int
     trainer_kills: int
     worker_kills: int
+    slowloris: int  # connections that never finish their headers
+    slow_bodies: int  # 1 MiB bodies whose last bytes never come
+    soak: bool
 
 
 SOAK = os.environ.get("RELIABILITY_SOAK") == "1"
-SCALE = Scale(1000, 2000, 32, 20, 5) if SOAK else Scale(40, 120, 16, 3, 1)
+SCALE = Scale(1000, 2000, 32, 20, 5, 2000, 300, True) if SOAK else Scale(40, 120, 16, 3, 1, 200, 30, False)
 
 
 def wait_idle(service: Service, timeout: float = 30.0) -> Scrape:
