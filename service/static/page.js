@@ -34,6 +34,7 @@
 
   function askForKey(message) {
     $("key-message").textContent = message;
+    if (!$("key-form").hidden) return;
     $("key-form").hidden = false;
     $("key").focus();
   }
@@ -183,6 +184,8 @@
       });
     }
 
+    // The fetcher answers the delay before the next poll: undefined for the usual one, false for none
+    // until something calls now() again.
     async now() {
       clearTimeout(this.timer);
       this.timer = null;
@@ -197,7 +200,7 @@
         $("status").className = "";
       } finally {
         this.busy = false;
-        if (!document.hidden) this.timer = setTimeout(() => this.now(), next);
+        if (next !== false && !document.hidden) this.timer = setTimeout(() => this.now(), next);
       }
     }
   }
@@ -234,8 +237,9 @@
 
   async function pollTraining() {
     const response = await api("/v1/training");
+    if (response.status === 401) return false; // until a key is entered
     if (!response.ok) {
-      if (response.status !== 401) $("training").textContent = await describe(response);
+      $("training").textContent = await describe(response);
       return undefined;
     }
     curves = await response.json();
