@@ -48,18 +48,50 @@ class UpSettings(BaseSettings):
 
 
 class Child:
+    """A supervised program: its output prefixed and forwarded, started again when it dies unexpectedly."""
+
+    # Restarts allowed within RESTART_WINDOW seconds before up gives up (a child that cannot start at all).
+    MAX_RESTARTS = 5
+    RESTART_WINDOW = 60.0
+
     def __init__(self, name: str, argv: list[str]):
         self.name = name
+        self.argv = argv
+        self.restarts: list[float] = []
+        self.finished = False
+        self._start()
+
+    def _start(self) -> None:
         self.process = subprocess.Popen(
-            argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+            self.argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
             preexec_fn=functools.partial(own_session_ending_with, os.getpid()),
-        )
-        self._pump = threading.Thread(target=self._forward, daemon=True)
+        )  # fmt: skip
+        self._pump = threading.Thread(target=self._forward, args=(self.process,), daemon=True)
         self._pump.start()
 
-    def _forward(self) -> None:
-        for line in self.process.stdout:
+    def _forward(self, process: subprocess.Popen) -> None:
+        for line in process.stdout:
             print(f"[{self.name}] {line.rstrip()}", flush=True)
+
+    def check(self) -> bool:
+        """Restart the program if it died (a trainer that finished stays down); False when it keeps dying."""
+        code = self.process.poll()
+        if code is None or self.finished:
+            return True
+        if code == 0 and self.name == "trainer":
+            print("[up] the trainer finished; the API keeps serving its best checkpoint", flush=True)
+            self.finished = True
+            return True
+        now = time.monotonic()
+        self.restarts = [t for t in self.restarts if now - t < self.RESTART_WINDOW] + [now]
+        if len(self.restarts) > self.MAX_RESTARTS:
+            print(f"[up] {self.name} exited with status {code} {self.MAX_RESTARTS} times within "
+                  f"{self.RESTART_WINDOW:.0f} s; giving up", flush=True)  # fmt: skip
+            return False
+        print(f"[up] {self.name} exited with status {code}; starting it again", flush=True)
+        self._pump.join(timeout=5)
+        self._start()
+        return True
 
     def interrupt(self) -> None:
         if self.process.poll() is None:
@@ -143,17 +175,16 @@ def readiness(port: int) -> dict | None:
 
 
 def supervise(settings: UpSettings, children: list[Child], stop: threading.Event) -> int:
-    """Report the first served checkpoint; end when asked to or when a child fails."""
+    """Report the first served checkpoint and restart what dies; end when asked to or when a child keeps dying."""
+    started = time.monotonic()
     served = False
     while not stop.wait(1.0):
-        for child in children:
-            code = child.process.poll()
-            if code is not None and (code != 0 or child.name != "trainer"):
-                print(f"[up] {child.name} exited with status {code}; stopping the rest", flush=True)
-                return 1
+        if not all(child.check() for child in children):
+            return 1
         if not served and (status := readiness(settings.port)):
             served = True
-            print(f"[up] the API is serving: {json.dumps(status)}", flush=True)
+            print(f"[up] the API is serving after {time.monotonic() - started:.0f} s: {json.dumps(status)}",
+                  flush=True)  # fmt: skip
     return 0
 
 
