@@ -24,8 +24,8 @@ PRESETS: dict[str, dict[str, int]] = {
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024),
     # For tests: builds and runs a forward pass in milliseconds.
     "tiny": dict(n_layer=2, n_head=2, n_embd=32, block_size=64),
-    # The CPU default (see README, "Choosing mini"): small enough that two cores train it at
-    # thousands of tokens/s, large enough to write recognisable text within minutes.
+    # The CPU default (make up, trainer fit): small enough that two cores train it at thousands of
+    # tokens/s, large enough to write recognisable text within minutes.
     "mini": dict(n_layer=4, n_head=4, n_embd=256, block_size=256),
 }
 
