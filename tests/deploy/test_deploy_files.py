@@ -27,10 +27,14 @@ def test_compose_file_validates_with_the_four_services_volumes_and_grace_periods
     services = config["services"]
     assert set(services) == {"api", "trainer", "prometheus", "grafana"}
     assert set(config["volumes"]) == {"checkpoints", "prometheus-data", "grafana-data"}
-    assert all(s["restart"] == "unless-stopped" for s in services.values())
     api, trainer = services["api"], services["trainer"]
+    # A finished training run stays stopped instead of being restarted into an immediate exit, forever.
+    assert trainer["restart"] == "on-failure"
+    assert all(s["restart"] == "unless-stopped" for name, s in services.items() if name != "trainer")
     assert api["command"][:2] == ["service", "serve"] and "8000" in api["command"]
-    assert "trainer fit --steps 5000" in " ".join(trainer["command"])
+    assert "exec trainer fit" in " ".join(trainer["command"]) and trainer["environment"]["TRAINER_STEPS"] == "5000"
+    published = {name: [p["published"] for p in s.get("ports", [])] for name, s in services.items()}
+    assert published == {"api": [8000], "trainer": [], "prometheus": [9090], "grafana": [3000]}
     assert mounts(api)["/checkpoints"] == mounts(trainer)["/checkpoints"] == "checkpoints"
     assert api["volumes"][0].endswith(":ro")
     assert "/health" in " ".join(api["healthcheck"]["test"])
