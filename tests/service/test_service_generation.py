@@ -6,8 +6,10 @@ import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from model import Tokenizer
+import pytest
 from servicekit import API_KEY, publish
+
+from model import GPT, GPTConfig, Tokenizer, save_checkpoint
 
 
 def test_predict_answers_text_usage_and_the_model_that_produced_it(served):
@@ -107,3 +109,44 @@ def test_a_short_request_leaves_the_batch_as_soon_as_it_is_done(served):
     # margin: on a loaded machine the short request's HTTP round trip alone spans many decode steps).
     tokens_after_short_done = sum(1 for t, _ in long_events if t > short_done)
     assert tokens_after_short_done > 300, tokens_after_short_done
+
+
+# Seeded requests of every sampling setting: the whole vocabulary (top_k 50257 on /predict, and OpenAI's
+# default on /v1), wide and narrow top-k, nucleus.
+SEEDED = [{"top_k": 50257}, {"top_k": 1000}, {"top_k": 50}, {"top_k": 50257, "top_p": 0.95}]
+
+
+@pytest.mark.parametrize("flags", [["--dtype", "bf16"], ["--no-pack-weights", "--dtype", "fp32"]],
+                         ids=["packed-bf16", "plain-fp32"])  # fmt: skip
+def test_seeded_text_does_not_depend_on_what_shares_the_batch(launch, tmp_path, flags):
+    # Fresh weights, not sharpened: near-uniform logits over 50,257 tokens, so that a last-bit difference
+    # in them would pick another token within a few steps.
+    save_checkpoint(tmp_path / "best_model.pt", GPT(GPTConfig.from_preset("tiny", block_size=1024)), step=1)
+    service = launch(tmp_path, *flags, "--max-batch-size", "16")
+    requests = [{"prompt": f"Seed {i} says", "max_new_tokens": 40, "seed": 1000 + i, **s} for i, s in enumerate(SEEDED)]
+    completion = {"model": "gpt", "prompt": "Seed for OpenAI", "max_tokens": 40, "seed": 77}
+    alone = [service.predict(**request)["text"] for request in requests]
+    with service.client() as client:
+        alone.append(client.post("/v1/completions", json=completion).json()["choices"][0]["text"])
+
+    fillers = [{"prompt": " word" * length, "max_new_tokens": 600, "seed": length} for length in (300, 60, 3)]
+    with ThreadPoolExecutor(len(fillers) + len(requests) + 1) as pool:
+        started = [threading.Event() for _ in fillers]
+        running = [pool.submit(service.stream, event, **filler) for event, filler in zip(started, fillers)]
+        for event in started:
+            event.wait(60)
+        batched = []
+        for request in requests:  # each joins the running batch after the previous one started
+            first = threading.Event()
+            batched.append(pool.submit(service.stream, first, **request))
+            first.wait(60)
+
+        def complete():
+            with service.client() as client:
+                return client.post("/v1/completions", json=completion).json()["choices"][0]["text"]
+
+        batched.append(pool.submit(complete))
+        texts = [future.result() for future in batched]
+        assert all(future.result() for future in running)
+    texts = ["".join(event["text"] for _, event in text) if isinstance(text, list) else text for text in texts]
+    assert texts == alone
