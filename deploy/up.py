@@ -25,7 +25,7 @@ import click
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from model.settings import build_settings, settings_options
+from model.cli_options import build_settings, settings_options
 from service.signals import die_with_parent
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from model.settings import build_settings, settings_options
+from model.cli_options import build_settings, settings_options
 from service.logs import configure_logging
 from service.settings import ServiceSettings
 

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from model.settings import env_name, flag_name
+from model.cli_options import env_name, flag_name
 from service.settings import ServiceSettings
 from trainer.settings import TrainerSettings
 

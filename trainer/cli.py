@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from model import CheckpointError, ContextLengthError
-from model.settings import build_settings, settings_options
+from model.cli_options import build_settings, settings_options
 from trainer import commands, distributed
 from trainer.checkpoints import FolderInUse, hold
 from trainer.data import DataError

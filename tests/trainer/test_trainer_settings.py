@@ -2,7 +2,7 @@ import pytest
 from click.testing import CliRunner
 
 from model import GPTConfig
-from model.settings import env_name, flag_name
+from model.cli_options import env_name, flag_name
 from trainer.cli import main
 from trainer.settings import TrainerSettings
 from trainer.train import sequence_length
@@ -26,7 +26,7 @@ def test_defaults_are_the_seed_hyperparameters():
 
 
 def test_flag_beats_environment_beats_default(monkeypatch):
-    from model.settings import build_settings
+    from model.cli_options import build_settings
 
     monkeypatch.setenv("TRAINER_STEPS", "7")
     monkeypatch.setenv("TRAINER_LR", "0.001")

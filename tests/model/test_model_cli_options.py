@@ -6,7 +6,7 @@ from click.testing import CliRunner
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from model.settings import build_settings, settings_options
+from model.cli_options import build_settings, settings_options
 
 
 class DemoSettings(BaseSettings):

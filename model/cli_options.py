@@ -1,4 +1,5 @@
-"""Click options generated from a pydantic-settings class, shared by the trainer's and the service's CLIs.
+"""Click options generated from a pydantic-settings class, for the command lines of the trainer, the
+service and `make up`.
 
 Each program keeps one settings class; every field becomes a `--flag` whose help text is the field's
 description, default and environment variable. Precedence: flag, then environment, then default.
