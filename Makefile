@@ -9,7 +9,7 @@ ifneq ($(wildcard ../shared/tiktoken),)
 export TIKTOKEN_CACHE_DIR ?= $(abspath ../shared/tiktoken)
 endif
 
-.PHONY: install test up bench soak
+.PHONY: install test test-compose up bench soak
 
 install: $(STAMP)
 
@@ -22,6 +22,14 @@ $(STAMP): pyproject.toml
 
 test: install
 	$(BIN)/python -m pytest
+
+# The image built and the compose stack run end to end on a private Docker engine (tests/compose), with
+# stand-ins for the public base images made from Debian; needs root. Installs Debian's docker.io,
+# docker-compose and debootstrap when missing.
+test-compose: install
+	@command -v dockerd >/dev/null && command -v docker-compose >/dev/null && command -v debootstrap >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io docker-compose debootstrap >/dev/null; }
+	$(BIN)/python -m pytest tests/compose/check_compose_stack.py -x --timeout 1800
 
 # Every benchmark against its reference, then the plots and the README's section: under 20 minutes
 # on the 2-core machine. BENCH_ARGS=--full runs the full-length versions (10-minute training race).
