@@ -56,44 +56,46 @@ def _blocks(x, weight, targets, ignore_index, chunk_bytes, gradients: bool):
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
     valid = targets != ignore_index
     # Each row's share of the mean; an ignored row gets none and takes a harmless stand-in target.
-    share = valid / valid.sum()
+    share = (valid / valid.sum())[:, None]
     targets = targets.where(valid, 0)
+    n, vocab = x.shape[0], weight.shape[0]
     with torch.autocast(device, enabled=False):
         xc, wc = x.to(dtype), weight.to(dtype)
-        n, vocab = x.shape[0], weight.shape[0]
         rows = max(1, min(n, chunk_bytes // (vocab * wc.element_size())))
+        # Few, large operations per block: on a CPU each one is a parallel region whose threads meet.
         logits = torch.empty(rows, vocab, dtype=dtype, device=x.device)
         probs = torch.empty_like(logits)
+        p_target = torch.empty(n, dtype=dtype, device=x.device)
         minus_one = torch.full((rows,), -1.0, dtype=dtype, device=x.device)
-        loss = torch.zeros((), dtype=torch.float32, device=x.device)
-        grad_x = torch.empty_like(x) if gradients else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if gradients else None
+        if gradients:
+            # d loss / d logits = (softmax - one_hot(target)) * share: the share scales the small
+            # factors of the two products, not the block of probabilities.
+            scaled_x = (x * share).to(dtype)
+            grad_x = torch.empty(n, x.shape[1], dtype=dtype, device=x.device)
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=x.device)
         for start in range(0, n, rows):
-            end = min(start + rows, n)
-            block = slice(start, end)
-            block_logits, block_probs = logits[: end - start], probs[: end - start]
+            block = slice(start, min(start + rows, n))
+            block_logits, block_probs = logits[: block.stop - start], probs[: block.stop - start]
             torch.mm(xc[block], wc.T, out=block_logits)
             torch.softmax(block_logits, dim=1, out=block_probs)
-            at_target = (torch.arange(end - start, device=x.device), targets[block])
-            p_target = block_probs[at_target].float()
-            row_loss = -p_target.log()
-            if not bool(p_target.min() > 0):
-                # A probability below float32's range (a loss above ~100 nats): the exact log-sum-exp.
-                exact = block_logits.float().logsumexp(dim=1) - block_logits[at_target].float()
-                row_loss = torch.where(p_target > 0, row_loss, exact)
-            loss += (row_loss * share[block]).sum()
+            at_target = (torch.arange(block.stop - start, device=x.device), targets[block])
+            p_target[block] = block_probs[at_target]
             if not gradients:
                 continue
-            # d loss / d logits = (softmax - one_hot(target)) * share; the share scales the small
-            # factors of each product instead of the block of probabilities.
-            block_probs.index_put_(at_target, minus_one[: end - start], accumulate=True)
-            row_share = share[block, None]
-            grad_x[block] = (block_probs @ wc).to(x.dtype) * row_share
-            scaled_x = (x[block] * row_share).to(dtype)
+            block_probs.index_put_(at_target, minus_one[: block.stop - start], accumulate=True)
+            torch.mm(block_probs, wc, out=grad_x[block])
             if dtype == torch.float32:
-                grad_weight.addmm_(block_probs.T, scaled_x)
+                grad_weight.addmm_(block_probs.T, scaled_x[block])
             else:
-                grad_weight += block_probs.T @ scaled_x
-    if gradients:
-        grad_weight = grad_weight.to(weight.dtype)
-    return loss, grad_x, grad_weight
+                grad_weight += block_probs.T @ scaled_x[block]
+        row_loss = -p_target.float().log()
+        underflow = p_target == 0
+        if underflow.any():
+            # A probability below the dtype's range (a loss above ~100 nats): the exact log-sum-exp.
+            rows_under = underflow.nonzero()[:, 0]
+            logits_under = (xc[rows_under] @ wc.T).float()
+            row_loss[rows_under] = logits_under.logsumexp(dim=1) - logits_under.gather(1, targets[rows_under, None])[:, 0]
+        loss = (row_loss[:, None] * share).sum()
+    if not gradients:
+        return loss, None, None
+    return loss, (grad_x * share).to(x.dtype), grad_weight.to(weight.dtype)
