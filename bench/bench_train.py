@@ -5,9 +5,10 @@
 Throughput: at the reference's shape (4 layers, 4 heads, 128 wide, batch 16 × 128) the reference
 loop and the trainer's step in each precision, with and without torch.compile, take turns for
 --rounds rounds of --round-steps steps, so background load hits them alike. The table gives each
-loop's best round in tokens/s (load from elsewhere only slows a round down), its median, the ratio
-of best rounds to the reference, and the MFU against this CPU's fp32 and bf16 matrix-product rates,
-measured between the rounds (the best of them).
+loop's best round in tokens/s (load from elsewhere only slows a round down), the peak memory its
+first steps add in a fresh process (eager loops), its median tokens/s, the ratio of best rounds to
+the reference, and an MFU estimate against this CPU's fp32 and bf16 matrix-product rates, measured
+between the rounds (the best of them).
 
 Quality per minute: the trainer trains the `mini` preset (in its fastest precision above) and the
 reference trains its own shape, each for --minutes of its own training time with a learning-rate
@@ -19,6 +20,7 @@ are evaluated on the same validation batches; the table gives validation loss ag
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import statistics
 import tempfile
 import time
@@ -28,8 +30,9 @@ import torch
 
 from bench.common import SHAKESPEARE, print_table, write_result
 from bench.train_reference import ReferenceTrainer
-from model import GPTConfig
+from model import GPT, GPTConfig
 from trainer import distributed
+from trainer.data import Dataset, prepare
 from trainer.report import flops_per_token, measure_matmul_flops
 from trainer.settings import TrainerSettings
 from trainer.train import Trainer
@@ -53,19 +56,46 @@ def tokens_per_second(step, steps: int) -> float:
     return steps * BATCH * SEQ / (time.perf_counter() - start)
 
 
+def contender(name: str, data: str, work: Path):
+    """The train_step of loop `name`: "reference (seed-style)" or "trainer DTYPE[ compiled]"."""
+    if name.startswith("reference"):
+        s = settings(data, work / "reference")
+        dataset = Dataset.load(prepare(s.data, s.cache_dir), s.val_fraction, SEQ)
+        return ReferenceTrainer(GPTConfig(**SHAPE), dataset, BATCH, SEQ, steps=10**6).train_step
+    _, dtype, *compiled = name.split()
+    s = settings(data, work / name.replace(" ", "-"), preset="mini", **SHAPE, dtype=dtype, compile=bool(compiled))
+    return Trainer(s, distributed.setup("cpu")).train_step
+
+
+def step_memory(name: str, data: str, work: str, steps: int = 2) -> float:
+    """Peak resident memory (MB) that the first `steps` steps of loop `name` add to the process that
+    built it: what training needs beyond the model (activations, logits, gradients, optimizer state)."""
+    step = contender(name, data, Path(work))
+    status = Path("/proc/self/status")
+    # Linux resets the peak (VmHWM) to the current resident size on "5" written to clear_refs.
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status_kib(status.read_text(), "VmRSS")
+    for _ in range(steps):
+        step()
+    return (_status_kib(status.read_text(), "VmHWM") - before) / 1024
+
+
+def _status_kib(text: str, key: str) -> int:
+    return next(int(line.split()[1]) for line in text.splitlines() if line.startswith(key + ":"))
+
+
+def fresh_step_memory(name: str, data: str, work: Path) -> float:
+    """step_memory in a process of its own, so no loop reuses memory another one freed."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(step_memory, (name, data, str(work)))
+
+
 def throughput(data: str, work: Path, rounds: int, round_steps: int, compile_too: bool, peaks: dict) -> list[dict]:
     """Median tokens/s of each loop over interleaved rounds; `peaks` is updated in place with the best
     matrix-product rate seen in each round, since other load on the machine can only lower it."""
-    config = GPTConfig(**SHAPE)
-    trainers = {}
-    variants = [("fp32", False), ("bf16", False)] + ([("fp32", True), ("bf16", True)] if compile_too else [])
-    for dtype, compiled in variants:
-        name = f"trainer {dtype}" + (" compiled" if compiled else "")
-        s = settings(data, work / name.replace(" ", "-"), preset="mini", **SHAPE, dtype=dtype, compile=compiled)
-        trainers[name] = Trainer(s, distributed.setup("cpu"))
-    reference = ReferenceTrainer(config, trainers["trainer fp32"].dataset, BATCH, SEQ, steps=10**6)
-    contenders = {"reference (seed-style)": reference.train_step}
-    contenders.update({name: t.train_step for name, t in trainers.items()})
+    names = ["reference (seed-style)", "trainer fp32", "trainer bf16"]
+    names += ["trainer fp32 compiled", "trainer bf16 compiled"] if compile_too else []
+    contenders = {name: contender(name, data, work) for name in names}
     for step in contenders.values():  # warm-up: compilation, allocator, first-touch of weights
         for _ in range(3):
             step()
@@ -74,9 +104,11 @@ def throughput(data: str, work: Path, rounds: int, round_steps: int, compile_too
         for name, step in contenders.items():
             samples[name].append(tokens_per_second(step, round_steps))
         for name, dtype in PEAK_DTYPES.items():
-            peaks[name] = max(peaks.get(name, 0.0), measure_matmul_flops(dtype, size=2048, seconds=1.0))
-    n_params = sum(p.numel() for p in reference.model.parameters()) - reference.model.wpe.weight.numel()
-    work_per_token = flops_per_token(config, n_params, SEQ)
+            peaks[name] = max(peaks.get(name, 0.0), measure_matmul_flops(dtype))
+    # Compiling again in a fresh process would take minutes; the compiled loops share the eager ones' loss.
+    memory = {name: fresh_step_memory(name, data, work) for name in names if "compiled" not in name}
+    model = GPT(GPTConfig(**SHAPE))
+    work_per_token = flops_per_token(model.config, model.num_parameters(), SEQ)
     # Other work on a shared machine only ever slows a round down, so each loop's best round is the
     # estimate of its own speed; the median shows how much the load moved it.
     ref = max(samples["reference (seed-style)"])
@@ -86,6 +118,7 @@ def throughput(data: str, work: Path, rounds: int, round_steps: int, compile_too
         rows.append({
             "loop": name,
             "tokens/s": tps,
+            "peak MB": memory.get(name),
             "median": statistics.median(values),
             "vs reference": tps / ref,
             "MFU vs fp32 peak": work_per_token * tps / peaks["fp32"],
@@ -166,7 +199,8 @@ def main() -> None:
         print_table("Matrix product rate of this CPU (2048², best of the rounds)",
                     [{"dtype": k, "GFLOP/s": v / 1e9} for k, v in peaks.items()])
         print_table(f"Training throughput, 4 layers × 4 heads × 128 wide, batch {BATCH} × {SEQ} "
-                    f"(best of {args.rounds} interleaved rounds)", rows)
+                    f"(best of {args.rounds} interleaved rounds; peak MB: the memory the first steps add; "
+                    f"MFU: an estimate against the matrix-product rates above)", rows)
         write_result("train_throughput", {"shape": {**SHAPE, "batch": BATCH, "seq_len": SEQ}, "peak_flops": peaks,
                                           "rounds": args.rounds, "rows": rows})
         if args.skip_quality:
