@@ -120,8 +120,8 @@ class ServiceSettings(BaseSettings):
     )
     api_key: SecretStr | None = Field(
         None,
-        description="When set, generation routes require 'Authorization: Bearer <key>' (prefer the environment "
-        "variable: flags show up in process listings). Empty means unset.",
+        description="When set, the /predict and /v1 routes require 'Authorization: Bearer <key>' (prefer the "
+        "environment variable: flags show up in process listings). Empty means unset.",
     )
 
     # Operations

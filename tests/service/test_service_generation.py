@@ -28,7 +28,9 @@ def test_predict_answers_text_usage_and_the_model_that_produced_it(served):
 
 def test_weights_packed_for_the_cpu_answer_what_plain_weights_answer(served, launch, tmp_path):
     publish(tmp_path, step=100, val_loss=3.25)
-    plain = launch(tmp_path, "--no-pack-weights", api_key=API_KEY)
+    # The same precision as the shared service's: --dtype auto may choose differently for another layout.
+    dtype = served.health().json()["workers"][0]["dtype"]
+    plain = launch(tmp_path, "--no-pack-weights", "--dtype", dtype, api_key=API_KEY)
     requests = [
         {"prompt": "Once upon a time", "max_new_tokens": 24, "temperature": 0},
         {"prompt": "The king", "max_new_tokens": 24, "seed": 7, "top_k": 20, "top_p": 0.9},
