@@ -32,13 +32,13 @@ from model.checkpoint import read_checkpoint
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "dashboards" / "gpt-service.json"
 USER_ID = "10001"  # the Dockerfile's `app` user
-STREAM_TOKENS = 1000
+STREAM_SECONDS = 10  # a stream stopped in the middle runs about this long, well inside the 30 s drain
 
 # Test-size settings, through the same environment variables a user would set.
 TRAINER_ENV = {
     "TRAINER_STEPS": "1000000",  # runs until stopped
     "TRAINER_PRESET": "tiny",
-    "TRAINER_BLOCK_SIZE": "1024",  # room for a stream long enough to be stopped in the middle
+    "TRAINER_BLOCK_SIZE": "4096",  # room for a stream long enough to be stopped in the middle
     "TRAINER_BATCH_SIZE": "4",
     "TRAINER_SEQ_LEN": "32",
     "TRAINER_EVAL_INTERVAL": "50",
@@ -50,7 +50,7 @@ TRAINER_ENV = {
     "TRAINER_COMPILE": "false",
     "OMP_NUM_THREADS": "1",  # a core left for the API on a two-core machine
 }
-API_ENV = {"SERVICE_POLL_INTERVAL": "0.5"}
+API_ENV = {"SERVICE_POLL_INTERVAL": "0.5", "SERVICE_MAX_NEW_TOKENS": "4000"}
 
 
 class Stack:
@@ -253,8 +253,14 @@ def log_time(line: str) -> str:
 
 
 def test_stop_drains_a_running_stream_within_the_grace_period(stack):
+    # The stream's length from the speed this (shared) machine has now: stopped just after its first
+    # event, it must still be running when SIGTERM lands a second or two later, and finish in the drain.
+    began = time.monotonic()
+    rate = stack.predict(prompt="Warm", max_new_tokens=200, seed=2)["usage"]["completion_tokens"] / (
+        time.monotonic() - began
+    )
     events, started = [], threading.Event()
-    body = {"prompt": "Stop", "max_new_tokens": STREAM_TOKENS, "seed": 3}
+    body = {"prompt": "Stop", "max_new_tokens": int(min(max(rate * STREAM_SECONDS, 200), 4000)), "seed": 3}
     client = threading.Thread(target=stack.stream, args=(events, started), kwargs=body)
     client.start()
     assert started.wait(60), "the stream never started"
@@ -264,7 +270,7 @@ def test_stop_drains_a_running_stream_within_the_grace_period(stack):
     client.join(60)
     assert events[-1] == "[DONE]", f"the stream was cut: {events[-2:]}"
     last = json.loads(events[-2])
-    assert last["usage"]["completion_tokens"] == STREAM_TOKENS and last["finish_reason"] == "length", last
+    assert "error" not in last and last["finish_reason"] in ("length", "stop"), last
     state = stack.compose.container("api")["State"]
     assert state["ExitCode"] == 0 and not state["OOMKilled"], f"the API exited with {state['ExitCode']}"
     assert stopped < 45, f"`docker-compose stop api` took {stopped:.0f} s: the grace period ran out"
@@ -280,9 +286,12 @@ def test_stop_drains_a_running_stream_within_the_grace_period(stack):
 
 
 def test_the_trainer_writes_last_pt_on_sigterm_and_resumes_from_it(stack, tmp_path):
+    began = time.monotonic()
     stack.compose.ok("stop", "trainer")
+    stopped = time.monotonic() - began
     trainer = stack.compose.container("trainer")
     assert trainer["State"]["ExitCode"] == 0, f"the trainer exited with {trainer['State']['ExitCode']}"
+    assert stopped < 120, f"`docker-compose stop trainer` took {stopped:.0f} s: the grace period ran out"
     assert "SIGTERM received" in stack.compose.logs("trainer", tail=50), stack.compose.logs("trainer")
     stack.compose.engine.docker("cp", f"{trainer['Id']}:/checkpoints/last.pt", str(tmp_path / "last.pt"))
     step = read_checkpoint(tmp_path / "last.pt")["step"]

@@ -65,7 +65,7 @@ def remove_tree(path: Path) -> None:
     with open("/proc/self/mounts") as mounts:
         targets = [line.split()[1] for line in mounts if line.split()[1].startswith(f"{path}/")]
     for target in sorted(targets, key=len, reverse=True):
-        subprocess.run(["umount", "-l", target], check=False)
+        processes.run(["umount", "--lazy", target], timeout=60)
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -84,7 +84,7 @@ class Engine:
         self.folder, self.driver = folder, driver
         folder.mkdir()
         if memory:
-            subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={memory},mode=0700", "tmpfs", str(folder)], check=True)
+            processes.run(["mount", "-t", "tmpfs", "-o", f"size={memory},mode=0700", "tmpfs", str(folder)], check=True)
         self.log_path = folder / "dockerd.log"
         self.env = {**os.environ, "DOCKER_HOST": f"unix://{folder / 'docker.sock'}"}
         argv = ["dockerd", f"--storage-driver={driver}", "--iptables=false", "--ip6tables=false", "--bridge=none",
@@ -98,7 +98,7 @@ class Engine:
             )  # fmt: skip
 
     def answers(self, timeout: float = 90.0) -> bool:
-        """Wait until the engine answers and can run a container's filesystem; False if it exits first."""
+        """Wait until the engine answers with its storage driver; False if it exits or times out first."""
         deadline = time.monotonic() + timeout
         while self.process.poll() is None and time.monotonic() < deadline:
             if self.docker("info", "--format", "{{.Driver}}", check=False).stdout.strip() == self.driver:
@@ -106,8 +106,8 @@ class Engine:
             time.sleep(0.5)
         return False
 
-    def docker(self, *args: str, check: bool = True, timeout: float = 600, **run) -> subprocess.CompletedProcess:
-        result = processes.run(["docker", *args], env=self.env, capture_output=True, text=True, timeout=timeout, **run)
+    def docker(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+        result = processes.run(["docker", *args], env=self.env, capture_output=True, text=True, timeout=timeout)
         if check:
             output = output_tail(result.stdout + result.stderr)
             assert result.returncode == 0, f"docker {' '.join(args)} failed:\n{output}"
@@ -179,9 +179,11 @@ def ensure_rootfs(workdir: Path, *wanted: Rootfs) -> None:
             include = ",".join(rootfs.packages)
             argv = ["debootstrap", "--variant=minbase", f"--include={include}", SUITE, str(target), MIRROR]
             builds.append((rootfs, target, log, processes.spawn(argv, stdout=out, stderr=subprocess.STDOUT)))
+    for *_, process in builds:
+        process.wait(timeout=1200)
     for rootfs, target, log, process in builds:
         try:
-            assert process.wait(timeout=1200) == 0, f"debootstrap failed:\n{output_tail(log.read_text())}"
+            assert process.returncode == 0, f"debootstrap failed:\n{output_tail(log.read_text())}"
             # What a slim image leaves out: the downloaded packages and the package lists.
             for leftovers in ("var/cache/apt/archives", "var/lib/apt/lists"):
                 for item in (target / leftovers).glob("*"):
