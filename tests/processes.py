@@ -102,6 +102,9 @@ def _running(process: psutil.Process) -> bool:
         return False
 
 
+# Last: after Ctrl-C (or a SIGTERM turned into one) pytest tears the fixtures down in its own
+# sessionfinish, and they must stop what they started (dockerd its containers) before anything is killed.
+@pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session, exitstatus):
     leaked = survivors()
     if leaked:
