@@ -167,7 +167,7 @@ PROMETHEUS_ROOTFS = Rootfs(("prometheus",))
 
 
 def ensure_rootfs(workdir: Path, *wanted: Rootfs) -> None:
-    """Make the missing root filesystems in `workdir`, side by side (about 3.5 minutes on two cores)."""
+    """Make the missing root filesystems in `workdir`, side by side (a minute or two on a tmpfs)."""
     CACHE.mkdir(parents=True, exist_ok=True)
     builds = []
     for rootfs in wanted:
