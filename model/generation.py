@@ -41,7 +41,10 @@ PLAIN_FP32_ROW_RANGE = (16, 64)
 
 
 def row_range(model: nn.Module) -> tuple[int, int]:
-    """The decode row counts whose per-row results `model`'s linear layers keep (see ROW_RANGE)."""
+    """The decode row counts whose per-row results `model`'s linear layers keep (see ROW_RANGE);
+    on a GPU, whose kernels make no such promise, any count."""
+    if next(itertools.chain(model.parameters(), model.buffers())).device.type != "cpu":
+        return 1, 1 << 30
     plain_fp32 = any(isinstance(m, nn.Linear) and m.weight.dtype == torch.float32 for m in model.modules())
     return PLAIN_FP32_ROW_RANGE if plain_fp32 else ROW_RANGE
 
