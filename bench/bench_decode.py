@@ -19,6 +19,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -134,6 +138,43 @@ def quality(checkpoint: Path, data: Path) -> list[dict]:
     return rows
 
 
+# Where a decode step's time goes: the profiler's ops, by what they do.
+PROFILE_PARTS = {
+    "linear layers (they read the weights)": {"mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::bmm",
+                                              "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu"},
+    "attention and the KV-cache write": {"aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_index_put_impl_",
+                                         "aten::index_put_"},
+    "layer norms, GELU, residual adds": {"aten::native_layer_norm", "aten::gelu", "aten::add", "aten::embedding",
+                                         "aten::index_select"},
+    "sampling": {"aten::argmax", "aten::topk", "aten::cumsum", "aten::exp", "aten::searchsorted", "aten::sort",
+                 "aten::gather", "aten::masked_fill", "aten::nonzero", "aten::index_put"},
+}  # fmt: skip
+
+
+def profile_step(model: GPT, prompt: list[int], batch: int, steps: int = 16) -> list[dict]:
+    """Milliseconds per decode step by part, from torch.profiler over `steps` engine steps; what no
+    op accounts for is Python and dispatch."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = Engine(model, max_batch_size=batch, max_seq_len=len(prompt) + 2 * steps + 8)
+    params = SamplingParams(max_new_tokens=2 * steps + 4, temperature=0.0, stop_at_eot=False)
+    for _ in range(batch):
+        engine.add(prompt, params)
+    for _ in range(steps // 2 + 1):  # the prefill and warm-up steps
+        engine.step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        wall = (time.perf_counter() - start) / steps
+    parts = dict.fromkeys([*PROFILE_PARTS, "other ops"], 0.0)
+    for event in prof.key_averages():
+        part = next((name for name, ops in PROFILE_PARTS.items() if event.key in ops), "other ops")
+        parts[part] += event.self_cpu_time_total / 1e6 / steps
+    parts["Python and dispatch (no op running)"] = max(wall - sum(parts.values()), 0.0)
+    return [{"part": name, "ms_per_step": seconds * 1e3, "share": seconds / wall} for name, seconds in parts.items()]
+
+
 def measure(rows: list[dict], impl: str, dtype: str, weights: str, generate, prompt, batches, new_tokens, reference):
     for batch in batches:
         rate, first = timed(generate, prompt, batch, new_tokens)
@@ -143,6 +184,51 @@ def measure(rows: list[dict], impl: str, dtype: str, weights: str, generate, pro
                      "batch": batch, "tokens_per_s": rate, "agrees": f"{agreement(first, reference)}/{AGREEMENT_TOKENS}",
                      "missing": None})  # fmt: skip
         print_table(f"{impl} {dtype} {weights} batch {batch}", rows[-1:])
+
+
+PEER_RESULT = "peer result: "
+
+
+def peer_rows(name: str, wanted: str, args: argparse.Namespace, reference: list[int]) -> list[dict]:
+    """One peer at one precision, run by this script in a process of its own (--peer): a peer that
+    crashes (llama.cpp's AMX kernels die of an illegal instruction on some CPUs) is then a missing
+    row with its signal, and llama.cpp is tried once more without its repacked weights."""
+    weights = peers.PRECISIONS[name][wanted]
+    note = ""
+    for repack in (True, False) if name == "llama.cpp" else (True,):
+        command = [sys.executable, "-m", "bench.bench_decode", "--preset", args.preset, "--new-tokens",
+                   str(args.new_tokens), "--prompt-tokens", str(args.prompt_tokens), "--batches",
+                   *map(str, args.batches), "--peer", name, wanted, "--reference", ",".join(map(str, reference))]
+        command += [] if repack else ["--no-repack"]  # fmt: skip
+        done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+        result = next((json.loads(line[len(PEER_RESULT):]) for line in done.stdout.splitlines()
+                       if line.startswith(PEER_RESULT)), None)  # fmt: skip
+        if done.returncode == 0 and result is not None and "rows" in result:
+            return [{**row, "weights": row["weights"] + note} for row in result["rows"]]
+        if done.returncode >= 0:
+            break
+        note = f" (repacking off: with it, {signal.Signals(-done.returncode).name})"
+    reason = (result or {}).get("missing") or f"exited with {done.returncode}{note}"
+    if done.returncode < 0:
+        reason = f"killed by {signal.Signals(-done.returncode).name}{note}"
+    print(f"\n{name} {wanted}: missing: {reason}", flush=True)
+    return [{"impl": name, "dtype": wanted, "weights": weights, "precision": wanted, "batch": batch,
+             "tokens_per_s": None, "agrees": None, "missing": reason} for batch in args.batches]  # fmt: skip
+
+
+def run_peer(args: argparse.Namespace, model: GPT, prompt: list[int]) -> None:
+    """--peer NAME PRECISION: measure that peer alone and print its rows as one JSON line."""
+    name, wanted = args.peer
+    rows: list[dict] = []
+    try:
+        peer = peers.load(name, wanted, model, f"{args.preset}-seed0-sharpen{SHARPEN:g}", torch.get_num_threads(),
+                          repack=args.repack)  # fmt: skip
+        reference = [int(token) for token in args.reference.split(",")]
+        measure(rows, name, wanted, peers.PRECISIONS[name][wanted], peer.generate, prompt, args.batches,
+                args.new_tokens, reference)  # fmt: skip
+        print(PEER_RESULT + json.dumps({"rows": rows}), flush=True)
+    except peers.Missing as e:
+        print(PEER_RESULT + json.dumps({"missing": str(e)}), flush=True)
 
 
 def main() -> None:
@@ -155,6 +241,9 @@ def main() -> None:
     parser.add_argument("--peers", nargs="*", default=list(peers.PRECISIONS), choices=list(peers.PRECISIONS))
     parser.add_argument("--checkpoint", type=Path, help="a trained checkpoint for the quality table")
     parser.add_argument("--data", type=Path, help="text whose last tenth is the validation split")
+    parser.add_argument("--peer", nargs=2, metavar=("NAME", "PRECISION"), help=argparse.SUPPRESS)
+    parser.add_argument("--reference", help=argparse.SUPPRESS)
+    parser.add_argument("--no-repack", dest="repack", action="store_false", help=argparse.SUPPRESS)
     args = parser.parse_args()
     hf_logging.set_verbosity_error()
     threads = torch.get_num_threads()
@@ -162,6 +251,8 @@ def main() -> None:
     torch.manual_seed(0)
     model = sharpened(GPT(GPTConfig.from_preset(args.preset))).eval()
     prompt = torch.randint(0, 50257, (args.prompt_tokens,), generator=torch.Generator().manual_seed(1)).tolist()
+    if args.peer:
+        return run_peer(args, model, prompt)
     bandwidth = peers.read_bandwidth()
     bounds = {name: bandwidth / peers.bytes_per_token(model, size) for name, size in WEIGHT_BYTES.items()}
     print_table("Memory-read bandwidth and the batch-1 bound it sets",
@@ -181,19 +272,19 @@ def main() -> None:
         hf = copy.deepcopy(hf_fp32).to(dtype)
         measure(rows, "transformers", name, "plain", transformers_generate(hf), prompt, args.batches,
                 args.new_tokens, reference)  # fmt: skip
-    key = f"{args.preset}-seed0-sharpen{SHARPEN:g}"
     for name in args.peers:
         for wanted in ("fp32", "bf16", "int8"):
-            if wanted not in peers.PRECISIONS[name]:
-                continue
-            weights = peers.PRECISIONS[name][wanted]
-            try:
-                peer = peers.load(name, wanted, model, key, threads)
-                measure(rows, name, wanted, weights, peer.generate, prompt, args.batches, args.new_tokens, reference)
-            except peers.Missing as e:
-                print(f"\n{name} {wanted}: missing: {e}", flush=True)
-                rows += [{"impl": name, "dtype": wanted, "weights": weights, "precision": wanted, "batch": batch,
-                          "tokens_per_s": None, "agrees": None, "missing": str(e)} for batch in args.batches]  # fmt: skip
+            if wanted in peers.PRECISIONS[name]:
+                rows += peer_rows(name, wanted, args, reference)
+
+    profiles = {}
+    for dtype, weights in (("bf16", "packed"), ("fp32", "packed")):
+        variant = engine_model(model, dtype, weights)
+        for batch in args.batches:
+            name = f"engine {dtype} {weights}, batch {batch}"
+            profiles[name] = profile_step(variant, prompt, batch)
+            print_table(f"Where a decode step's time goes: {name}", profiles[name])
+        del variant
 
     transformers_single = [r["tokens_per_s"] for r in rows if r["impl"] == "transformers" and r["batch"] == 1]
     reference_rate = max(transformers_single)
@@ -208,7 +299,7 @@ def main() -> None:
 
     result = {"preset": args.preset, "new_tokens": args.new_tokens, "prompt_tokens": len(prompt), "threads": threads,
               "sharpen": SHARPEN, "bandwidth_bytes_per_s": bandwidth, "batch1_bound_tokens_per_s": bounds,
-              "transformers_batch1_tokens_per_s": reference_rate, "rows": rows}  # fmt: skip
+              "transformers_batch1_tokens_per_s": reference_rate, "rows": rows, "profiles": profiles}  # fmt: skip
     if args.checkpoint and args.data:
         result["quality"] = quality(args.checkpoint, args.data)
         print_table(f"Validation loss by engine precision ({args.checkpoint})", result["quality"])

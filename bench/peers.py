@@ -75,6 +75,9 @@ def hf_folder(model: GPT, key: str) -> Path:
     directory = CACHE / key / "hf"
     if not (directory / "tokenizer.json").exists():
         model.save_pretrained(directory)
+        # convert_hf_to_gguf.py reads n_ctx, which the hub's GPT-2 configs carry and transformers 5 no longer writes.
+        config = json.loads((directory / "config.json").read_text())
+        (directory / "config.json").write_text(json.dumps({"n_ctx": config["n_positions"], **config}, indent=2))
         write_tokenizer(directory)
     return directory
 
@@ -98,11 +101,16 @@ def write_tokenizer(directory: Path) -> None:
     ranks.unlink()
 
 
-def load(name: str, precision: str, model: GPT, key: str, threads: int) -> Peer:
-    """Peer `name` at `precision` (fp32, bf16, int8) over `model`'s weights, converting once."""
+def load(name: str, precision: str, model: GPT, key: str, threads: int, repack: bool = True) -> Peer:
+    """Peer `name` at `precision` (fp32, bf16, int8) over `model`'s weights, converting once.
+
+    repack=False turns off llama.cpp's weight repacking into extra buffer types (its AMX kernels
+    among them), for CPUs where those die of an illegal instruction."""
     if precision not in PRECISIONS[name]:
         raise Missing(f"{name} has no {precision} here")
-    loader = {"llama.cpp": _llama_cpp, "CTranslate2": _ctranslate2, "onnxruntime": _onnxruntime}[name]
+    if name == "llama.cpp":
+        return Peer(name, precision, _llama_cpp(PRECISIONS[name][precision], model, key, threads, repack))
+    loader = {"CTranslate2": _ctranslate2, "onnxruntime": _onnxruntime}[name]
     return Peer(name, precision, loader(PRECISIONS[name][precision], model, key, threads))
 
 
@@ -125,7 +133,7 @@ def _llama_converter() -> Path:
     """convert_hf_to_gguf.py (with its gguf-py) out of the pinned llama-cpp-python sdist."""
     target = CACHE / "llama.cpp-converter"
     script = next(target.glob("*/vendor/llama.cpp/convert_hf_to_gguf.py"), None)
-    if script:
+    if script and (script.parent / "conversion").is_dir():
         return script
     pin = next(line for line in REQUIREMENTS.read_text().splitlines() if line.startswith("llama-cpp-python"))
     download = CACHE / "sdist"
@@ -135,14 +143,15 @@ def _llama_converter() -> Path:
         raise Missing(f"could not fetch the {pin} sdist for its converter: {fetched.stderr.strip()[-300:]}")
     archive = next(download.glob("llama_cpp_python-*.tar.gz"))
     with tarfile.open(archive) as tar:
-        members = [m for m in tar.getmembers() if "/vendor/llama.cpp/convert_hf_to_gguf" in m.name
-                   or "/vendor/llama.cpp/gguf-py/" in m.name]  # fmt: skip
+        parts = ("/vendor/llama.cpp/convert_hf_to_gguf", "/vendor/llama.cpp/gguf-py/", "/vendor/llama.cpp/conversion/")
+        members = [m for m in tar.getmembers() if any(part in m.name for part in parts)]
         tar.extractall(target, members=members, filter="data")
     return next(target.glob("*/vendor/llama.cpp/convert_hf_to_gguf.py"))
 
 
-def _llama_cpp(outtype: str, model: GPT, key: str, threads: int):
+def _llama_cpp(outtype: str, model: GPT, key: str, threads: int, repack: bool):
     llama_cpp = require("llama.cpp")
+    llama_cpp._logger.set_verbose(False)
 
     def convert(path: Path) -> None:
         script = _llama_converter()
@@ -154,18 +163,28 @@ def _llama_cpp(outtype: str, model: GPT, key: str, threads: int):
     gguf = _converted(CACHE / key / f"model-{outtype}.gguf", convert, f"convert_hf_to_gguf.py --outtype {outtype}")
     llama_cpp.llama_backend_init()
     params = llama_cpp.llama_model_default_params()
+    params.use_extra_bufts = repack
     handle = llama_cpp.llama_model_load_from_file(str(gguf).encode(), params)
     if not handle:
         raise Missing(f"llama.cpp could not load {gguf.name}")
     vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(handle))
 
+    contexts = {}  # by batch size, made once (outside the timed runs) and cleared before each run
+
+    def context(batch: int, prompt_tokens: int):
+        if batch not in contexts:
+            ctx_params = llama_cpp.llama_context_default_params()
+            ctx_params.n_ctx = batch * model.config.block_size
+            ctx_params.n_batch = ctx_params.n_ubatch = max(batch * prompt_tokens, 32)
+            ctx_params.n_seq_max = batch
+            ctx_params.n_threads = ctx_params.n_threads_batch = threads
+            contexts[batch] = llama_cpp.llama_init_from_model(handle, ctx_params)
+        ctx = contexts[batch]
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+        return ctx
+
     def generate(prompt: list[int], batch: int, new_tokens: int) -> list[list[int]]:
-        ctx_params = llama_cpp.llama_context_default_params()
-        ctx_params.n_ctx = batch * (len(prompt) + new_tokens)
-        ctx_params.n_batch = ctx_params.n_ubatch = max(batch * len(prompt), 32)
-        ctx_params.n_seq_max = batch
-        ctx_params.n_threads = ctx_params.n_threads_batch = threads
-        ctx = llama_cpp.llama_init_from_model(handle, ctx_params)
+        ctx = context(batch, len(prompt))
         work = llama_cpp.llama_batch_init(batch * len(prompt), 0, batch)
         try:
             out = [[] for _ in range(batch)]
@@ -187,7 +206,6 @@ def _llama_cpp(outtype: str, model: GPT, key: str, threads: int):
             return out
         finally:
             llama_cpp.llama_batch_free(work)
-            llama_cpp.llama_free(ctx)
 
     return generate
 

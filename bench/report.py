@@ -183,6 +183,20 @@ def peer_table(decode: dict) -> str:
     return markdown_table(table)
 
 
+def profile_table(decode: dict) -> str:
+    """Where a decode step's time goes: one column per profiled engine and batch, one row per part."""
+    profiles = decode.get("profiles", {})
+    parts = list(dict.fromkeys(row["part"] for rows in profiles.values() for row in rows))
+    table = []
+    for part in parts:
+        line = {"part of a decode step": part}
+        for name, rows in profiles.items():
+            hit = next(r for r in rows if r["part"] == part)
+            line[name] = f"{hit['ms_per_step']:.1f} ms ({hit['share']:.0%})"
+        table.append(line)
+    return markdown_table(table) if table else ""
+
+
 def missing_peers(decode: dict) -> list[str]:
     reasons = dict.fromkeys((r["impl"], r["weights"], r["missing"]) for r in decode["rows"] if r["missing"])
     return [f"- {impl} {weights}: {reason}" for impl, weights, reason in reasons]
@@ -377,6 +391,8 @@ def section(
         peer_table(decode),
         "",
         *(["Missing peers, and why:", "", *missing_peers(decode), ""] if missing_peers(decode) else []),
+        *(["Where a decode step's time goes (torch.profiler over 16 engine steps; what no op accounts for is "
+           "Python and dispatch):", "", profile_table(decode), ""] if decode.get("profiles") else []),
         image(results_dir / "decode.png", readme, "decode tokens/s"),
         "",
         markdown_table([{k: r[k] for k in DECODE_COLUMNS} for r in measured(decode["rows"])]),

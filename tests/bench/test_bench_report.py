@@ -110,5 +110,8 @@ def test_the_engine_is_judged_against_the_fastest_peer_and_the_memory_bound(resu
     assert "| onnxruntime | missing | missing | — | — | missing | missing |" in body
     assert "- onnxruntime int8: pip install failed (.cache/bench/install-onnxruntime.log)" in body
     assert "![decode tokens/s by precision against the peers](bench/results/decode_peers.png)" in body
+    assert "| part of a decode step | engine bf16 packed, batch 1 | engine bf16 packed, batch 8 |" in body
+    assert "| linear layers (they read the weights) | 6.9 ms (79%) | 11.2 ms (72%) |" in body
+    assert "| Python and dispatch (no op running) | 0.6 ms (7%) | 0.8 ms (5%) |" in body
     summary = json.loads((results / "summary.json").read_text())
     assert sum(row["benchmark"].startswith("Decode against the fastest peer") for row in summary["rows"]) == 6
