@@ -2,6 +2,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+BENCH_VENV := .bench-venv
+BENCH_STAMP := $(BENCH_VENV)/.installed
 
 # Offline GPT-2 BPE for development checkouts that sit beside a shared cache; elsewhere tiktoken
 # downloads it once as usual.
@@ -9,7 +11,7 @@ ifneq ($(wildcard ../shared/tiktoken),)
 export TIKTOKEN_CACHE_DIR ?= $(abspath ../shared/tiktoken)
 endif
 
-.PHONY: install test test-compose up bench soak
+.PHONY: install test test-compose up bench bench-env soak
 
 install: $(STAMP)
 
@@ -32,9 +34,23 @@ test-compose: install
 	$(BIN)/python -m pytest tests/compose/check_compose_stack.py -x --timeout 1800
 
 # Every benchmark against its reference, then the plots and the README's section: under 20 minutes
-# on the 2-core machine. BENCH_ARGS=--full runs the full-length versions (10-minute training race).
-bench: install
+# on the 2-core machine, once bench-env is built. BENCH_ARGS=--full runs the full-length versions
+# (10-minute training race).
+bench: install bench-env
 	$(BIN)/python -m bench.run_all $(BENCH_ARGS)
+
+# The decode benchmark's peers (llama.cpp, CTranslate2, onnxruntime) in an environment of their own,
+# never the product's: the project plus bench/peers-requirements.txt, each peer installed on its own
+# so that one that fails is reported missing by the benchmark, with pip's reason. llama.cpp compiles
+# from source (once; about 10 minutes on 2 quiet cores); conversions are cached under .cache/bench/.
+bench-env: $(BENCH_STAMP)
+
+$(BENCH_STAMP): pyproject.toml bench/peers-requirements.txt
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/pip install --quiet -e '.[test]'
+	$(BENCH_VENV)/bin/python -m bench.peer_install bench/peers-requirements.txt
+	touch $(BENCH_STAMP)
 
 # The whole stack on this machine: trainer, service and (if installed) Prometheus. Ctrl-C stops it.
 up: install
