@@ -53,11 +53,12 @@ $(BENCH_STAMP): pyproject.toml bench/peers-requirements.txt
 	touch $(BENCH_STAMP)
 
 # The whole stack on this machine: trainer, service and (if installed) Prometheus. Ctrl-C stops it.
+# Flags go in ARGS (make up ARGS="--port 9000"); UP_* variables work too.
 up: install
-	$(BIN)/python deploy/up.py
+	$(BIN)/python deploy/up.py $(ARGS)
 
 # The reliability suite at full size (see RELIABILITY.md): 1,000 fuzz cases per route, 2,000 requests
-# at concurrency 32, 20 trainer SIGKILLs, 5 worker deaths. It prints its figures and writes them to
+# at concurrency 32, 20 trainer SIGKILLs, 5 worker and HTTP server deaths, 2,000 slowloris connections. It prints its figures and writes them to
 # tests/reliability/soak-report.json and RELIABILITY.md. `make test` runs the same tests at a small size.
 soak: install
 	RELIABILITY_SOAK=1 RELIABILITY_REPORT=tests/reliability/soak-report.json RELIABILITY_DOC=RELIABILITY.md \
