@@ -29,17 +29,25 @@ def sample(
     greedy = temperature <= 0
     scale = torch.where(greedy, torch.ones_like(temperature), temperature)
     top_k = torch.where(top_k < 1, vocab, top_k.clamp(max=vocab))
-    # The first maximum, as argmax documents: ties go to the lowest token id, as in the ranking.
-    choice = logits.argmax(dim=-1)
+    choice = torch.zeros(len(logits), dtype=torch.long, device=logits.device)
     whole = ~greedy & (top_k == vocab) & (top_p >= 1)
     ranked = ~greedy & ~whole
+    if greedy.any():
+        rows = _rows(greedy)
+        # The first maximum, as argmax documents: ties go to the lowest token id, as in the ranking.
+        choice[rows] = logits[rows].argmax(dim=-1)
     if whole.any():
-        rows = whole.nonzero()[:, 0]
+        rows = _rows(whole)
         choice[rows] = _whole_vocabulary(logits[rows], scale[rows], uniform[rows])
     if ranked.any():
-        rows = ranked.nonzero()[:, 0]
+        rows = _rows(ranked)
         choice[rows] = _ranked(logits[rows], scale[rows], top_k[rows], top_p[rows], uniform[rows])
     return choice
+
+
+def _rows(mask: torch.Tensor):
+    """The rows `mask` selects: all of them as a slice (a view, no copy of the logits), else their indices."""
+    return slice(None) if bool(mask.all()) else mask.nonzero()[:, 0]
 
 
 def _whole_vocabulary(logits, scale, uniform):
@@ -54,8 +62,8 @@ def _whole_vocabulary(logits, scale, uniform):
 
 def _ranked(logits, scale, top_k, top_p, uniform):
     """Inverse transform over each row's top-k candidates, best first, cut to the top-p nucleus."""
-    k_max = int(top_k.max())
-    _, indices = _rank_keys(logits).topk(k_max, dim=-1)
+    indices = _candidates(logits, top_k)
+    k_max = indices.shape[1]
     values = logits.gather(1, indices)
     # Unnormalised weights: exp and a prefix sum are exact per element, so trailing candidates
     # that another row needed (masked to zero) cannot change this row's numbers.
@@ -73,10 +81,25 @@ def _ranked(logits, scale, top_k, top_p, uniform):
     return indices.gather(1, choice[:, None])[:, 0]
 
 
-def _rank_keys(logits: torch.Tensor) -> torch.Tensor:
-    """One int64 per logit, ordered as (logit, then lower token id first): unique, so any top-k
-    kernel returns the same candidates in the same order."""
-    bits = logits.contiguous().view(torch.int32)
+def _candidates(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Token ids (B, max top_k), each row's top-k first, best first, ties to the lower id.
+
+    A float top-k finds them when every row's k-th logit beats its next (the set is then certain;
+    only the order of equal logits inside it is sorted out); otherwise every logit is ranked."""
+    vocab = logits.shape[-1]
+    k_max = int(top_k.max())
+    if k_max < vocab:
+        values, ids = logits.topk(k_max + 1, dim=-1)
+        if bool((values.gather(1, (top_k - 1)[:, None]) > values.gather(1, top_k[:, None])).all()):
+            order = _rank_keys(values[:, :k_max], ids[:, :k_max], vocab).argsort(dim=-1, descending=True)
+            return ids.gather(1, order)
+    ids = torch.arange(vocab, device=logits.device).expand_as(logits)
+    return _rank_keys(logits, ids, vocab).topk(k_max, dim=-1).indices
+
+
+def _rank_keys(values: torch.Tensor, ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """One int64 per candidate, ordered as (logit, then lower token id first): unique, so any
+    kernel ranks them the same way."""
+    bits = values.contiguous().view(torch.int32)
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # IEEE floats as integers of the same order
-    ids = torch.arange(logits.shape[-1] - 1, -1, -1, device=logits.device)
-    return ordered.to(torch.int64) * (1 << 32) + ids
+    return ordered.to(torch.int64) * (1 << 32) + (vocab - 1 - ids)
