@@ -10,7 +10,7 @@ in fp32 and bf16; and the peers of bench.peers (llama.cpp, CTranslate2, onnxrunt
 their precisions, which need the benchmark environment (`make bench-env`; without it they are
 reported missing). The weights are random, scaled as the tests' `sharpen` does so that greedy
 tokens are decided by real margins; each row says how many of its first 32 tokens match the
-engine's fp32 ones. The same run measures the machine's memory-read bandwidth, and from it the
+engine's at the same precision. The same run measures the machine's memory-read bandwidth, and from it the
 batch-1 bound of each precision (every weight read once per token). With a trained checkpoint and
 a text file, the validation loss of each engine variant shows what quantization costs in quality.
 """
@@ -175,11 +175,14 @@ def profile_step(model: GPT, prompt: list[int], batch: int, steps: int = 16) -> 
     return [{"part": name, "ms_per_step": seconds * 1e3, "share": seconds / wall} for name, seconds in parts.items()]
 
 
-def measure(rows: list[dict], impl: str, dtype: str, weights: str, generate, prompt, batches, new_tokens, reference):
+def measure(rows: list[dict], impl: str, dtype: str, weights: str, generate, prompt, batches, new_tokens, references):
+    """Time `generate` at each batch size; `references` holds, per precision, the first tokens the
+    engine decoded in it (the first row measured at a precision sets them), which each row is checked
+    against: greedy tokens of random weights part between fp32 and bf16 within a few tokens, so
+    each precision is compared with itself."""
     for batch in batches:
         rate, first = timed(generate, prompt, batch, new_tokens)
-        if reference is not None and not reference:
-            reference.extend(first)
+        reference = references.setdefault(precision(dtype, weights), first)
         rows.append({"impl": impl, "dtype": dtype, "weights": weights, "precision": precision(dtype, weights),
                      "batch": batch, "tokens_per_s": rate, "agrees": f"{agreement(first, reference)}/{AGREEMENT_TOKENS}",
                      "missing": None})  # fmt: skip
@@ -189,7 +192,7 @@ def measure(rows: list[dict], impl: str, dtype: str, weights: str, generate, pro
 PEER_RESULT = "peer result: "
 
 
-def peer_rows(name: str, wanted: str, args: argparse.Namespace, reference: list[int]) -> list[dict]:
+def peer_rows(name: str, wanted: str, args: argparse.Namespace, references: dict) -> list[dict]:
     """One peer at one precision, run by this script in a process of its own (--peer): a peer that
     crashes (llama.cpp's AMX kernels die of an illegal instruction on some CPUs) is then a missing
     row with its signal, and llama.cpp is tried once more without its repacked weights."""
@@ -198,7 +201,7 @@ def peer_rows(name: str, wanted: str, args: argparse.Namespace, reference: list[
     for repack in (True, False) if name == "llama.cpp" else (True,):
         command = [sys.executable, "-m", "bench.bench_decode", "--preset", args.preset, "--new-tokens",
                    str(args.new_tokens), "--prompt-tokens", str(args.prompt_tokens), "--batches",
-                   *map(str, args.batches), "--peer", name, wanted, "--reference", ",".join(map(str, reference))]
+                   *map(str, args.batches), "--peer", name, wanted, "--reference", ",".join(map(str, references.get(wanted, [])))]
         command += [] if repack else ["--no-repack"]  # fmt: skip
         done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
         result = next((json.loads(line[len(PEER_RESULT):]) for line in done.stdout.splitlines()
@@ -223,9 +226,9 @@ def run_peer(args: argparse.Namespace, model: GPT, prompt: list[int]) -> None:
     try:
         peer = peers.load(name, wanted, model, f"{args.preset}-seed0-sharpen{SHARPEN:g}", torch.get_num_threads(),
                           repack=args.repack)  # fmt: skip
-        reference = [int(token) for token in args.reference.split(",")]
+        references = {wanted: [int(token) for token in args.reference.split(",") if token]}
         measure(rows, name, wanted, peers.PRECISIONS[name][wanted], peer.generate, prompt, args.batches,
-                args.new_tokens, reference)  # fmt: skip
+                args.new_tokens, {k: v for k, v in references.items() if v})  # fmt: skip
         print(PEER_RESULT + json.dumps({"rows": rows}), flush=True)
     except peers.Missing as e:
         print(PEER_RESULT + json.dumps({"missing": str(e)}), flush=True)
@@ -259,11 +262,11 @@ def main() -> None:
                 [{"bandwidth_GB_per_s": bandwidth / 1e9, **{f"{k}_tokens_per_s": v for k, v in bounds.items()}}])
 
     rows: list[dict] = []
-    reference: list[int] = []  # the engine's fp32 tokens, which every row is compared with
+    references: dict[str, list[int]] = {}  # the engine's first tokens per precision
     for dtype, weights in ENGINE_VARIANTS:
         variant = engine_model(model, dtype, weights)
         batches = args.batches + (args.engine_batches if weights == "packed" else [])
-        measure(rows, "engine", dtype, weights, engine_generate(variant), prompt, batches, args.new_tokens, reference)
+        measure(rows, "engine", dtype, weights, engine_generate(variant), prompt, batches, args.new_tokens, references)
         del variant
     with tempfile.TemporaryDirectory() as directory:
         model.save_pretrained(directory)
@@ -271,11 +274,11 @@ def main() -> None:
     for name, dtype in DTYPES.items():
         hf = copy.deepcopy(hf_fp32).to(dtype)
         measure(rows, "transformers", name, "plain", transformers_generate(hf), prompt, args.batches,
-                args.new_tokens, reference)  # fmt: skip
+                args.new_tokens, references)  # fmt: skip
     for name in args.peers:
         for wanted in ("fp32", "bf16", "int8"):
             if wanted in peers.PRECISIONS[name]:
-                rows += peer_rows(name, wanted, args, reference)
+                rows += peer_rows(name, wanted, args, references)
 
     profiles = {}
     for dtype, weights in (("bf16", "packed"), ("fp32", "packed")):

@@ -381,7 +381,7 @@ def section(
             f"Greedy decoding of the {decode['preset']} shape (the same random weights, scaled by "
             f"{decode['sharpen']:g} so that greedy tokens have margins), {decode['prompt_tokens']}-token prompt, "
             f"{decode['new_tokens']} new tokens, {decode['threads']} threads, tokens/s with, in brackets, how many "
-            "of the first 32 tokens match the engine's fp32 ones. Memory-read bandwidth measured in the same run: "
+            "of the first 32 tokens match the engine's at the same precision. Memory-read bandwidth measured in the same run: "
             f"{decode['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, which bounds batch-1 decoding (every weight read "
             "once per token) at "
             + ", ".join(f"{tokens(v)} in {k}" for k, v in decode["batch1_bound_tokens_per_s"].items())
