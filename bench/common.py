@@ -1,65 +1,17 @@
-"""What every benchmark shares: the machine's description, a printed table and a JSON result file."""
+"""What every benchmark shares: a printed table and a JSON result file (with its provenance, from reporting)."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import platform
-import re
-import subprocess
 from pathlib import Path
 
-import torch
+from reporting import git_commit, machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # bench/gpu.sh's results, copied in from a lent GPU's run; the report and plots read them from here.
 GPU_RESULTS = RESULTS / "gpu"
 SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
-
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
-def git_commit() -> str:
-    # A copy of the tree without its .git (bench/gpu.sh on a lent GPU) is told its commit instead.
-    if os.environ.get("BENCH_COMMIT"):
-        return os.environ["BENCH_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def replace_between(text: str, start: str, end: str, body: str) -> str | None:
-    """`text` with what lies between the markers `start` and `end` replaced by `body`; None without them.
-
-    Generated sections of the documents (the README's benchmarks, RELIABILITY.md's figures) live
-    between such markers, so that a script rewrites them and nothing else."""
-    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
-    if not pattern.search(text):
-        return None
-    return pattern.sub(lambda _: f"{start}\n{body}{end}", text, count=1)
 
 
 def print_table(title: str, rows: list[dict]) -> None:

@@ -15,13 +15,13 @@ import argparse
 import os
 from pathlib import Path
 
+import reporting
 from bench.common import (
     RESULTS,
     format_value,
     print_table,
     read_gpu_results,
     read_results,
-    replace_between,
     serve_record,
     write_result,
 )
@@ -66,10 +66,7 @@ def cell(value) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    columns = list(rows[0])
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
+    return reporting.markdown_table(rows, cell)
 
 
 def train_rows(throughput: dict, quality: dict) -> list[dict]:
@@ -417,7 +414,7 @@ def section(
 def replace_section(text: str, body: str) -> str:
     """`text` with the part between the markers replaced by `body`; without markers, a Performance
     heading and both markers are appended."""
-    replaced = replace_between(text, START, END, body)
+    replaced = reporting.replace_between(text, START, END, body)
     if replaced is not None:
         return replaced
     return text.rstrip("\n") + f"\n\n## Performance\n\n{START}\n{body}{END}\n"

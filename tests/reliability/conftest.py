@@ -18,8 +18,7 @@ import pytest
 from reliabilitykit import FIGURES_END, FIGURES_START, SCALE, render
 from servicekit import API_KEY, Service, publish
 
-from bench.common import git_commit, machine, replace_between
-
+from reporting import git_commit, machine, replace_between
 
 # What the tests measured, by test: written out at the end of the session.
 FIGURES: dict[str, dict] = {}

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from servicekit import Scrape, Service, wait_for
 
-from bench.report import markdown_table
+from reporting import markdown_table
 
 
 @dataclass(frozen=True)
