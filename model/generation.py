@@ -21,10 +21,10 @@ from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 
 import torch
-
 import torch.nn as nn
 
 from model.gpt import GPT, KVCache
+from model.quantize import Int8Linear
 from model.sampling import sample
 from model.tokenizer import EOT_TOKEN, TextStream, Tokenizer
 
@@ -45,6 +45,8 @@ def row_range(model: nn.Module) -> tuple[int, int]:
     on a GPU, whose kernels make no such promise, any count."""
     if next(itertools.chain(model.parameters(), model.buffers())).device.type != "cpu":
         return 1, 1 << 30
+    if any(isinstance(m, Int8Linear) for m in model.modules()):
+        return 1, 1 << 30  # integer products are exact, whatever the kernel
     plain_fp32 = any(isinstance(m, nn.Linear) and m.weight.dtype == torch.float32 for m in model.modules())
     return PLAIN_FP32_ROW_RANGE if plain_fp32 else ROW_RANGE
 

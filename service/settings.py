@@ -50,8 +50,9 @@ class ServiceSettings(BaseSettings):
     )
     quantize: Literal["none", "int8", "int4"] = Field(
         "none",
-        description="Weight-only quantization of the linear layers, CPU only: int8 is close to lossless, int4 "
-        "faster at a measurable cost in quality.",
+        description="Quantized linear layers, CPU only: int8 (8-bit weights and activations, multiplied exactly in "
+        "integers) is close to lossless and the fastest here; int4 (4-bit weights only) at a measurable cost in "
+        "quality.",
     )
     pack_weights: bool = Field(
         True,

@@ -16,6 +16,7 @@ import torch
 from model import GPT, Engine, GPTConfig, SamplingParams
 from model.generation import PLAIN_FP32_ROW_RANGE, ROW_RANGE, decode_groups, row_range
 from model.packing import PackedLinear, pack
+from model.quantize import Int8Linear, quantize
 
 SETTINGS = {
     "whole vocabulary": dict(top_k=None),
@@ -25,7 +26,7 @@ SETTINGS = {
     "top_p 0.95": dict(top_k=None, top_p=0.95),
     "greedy": dict(temperature=0.0),
 }
-LAYOUTS = [("fp32", "plain"), ("fp32", "packed"), ("bf16", "plain"), ("bf16", "packed")]
+LAYOUTS = [("fp32", "plain"), ("fp32", "packed"), ("bf16", "plain"), ("bf16", "packed"), ("fp32", "int8"), ("bf16", "int8")]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # The layers of the gpt2 shape: attention in and out, MLP in and out, the LM head.
 GPT2_LINEARS = [(768, 2304), (768, 768), (768, 3072), (3072, 768), (768, 50257)]
@@ -33,7 +34,11 @@ GPT2_LINEARS = [(768, 2304), (768, 768), (768, 3072), (3072, 768), (768, 50257)]
 
 def layout(model: GPT, dtype: str, weights: str) -> GPT:
     copied = copy.deepcopy(model).to(DTYPES[dtype]).eval()
-    return pack(copied) if weights == "packed" else copied
+    return {"packed": pack, "int8": lambda m: quantize(m, "int8")}.get(weights, lambda m: m)(copied)
+
+
+def linear_layer(linear: torch.nn.Linear, dtype: str, weights: str) -> torch.nn.Module:
+    return {"packed": PackedLinear, "int8": lambda l: Int8Linear(l, DTYPES[dtype])}.get(weights, lambda l: l)(linear)
 
 
 class RecordingEngine(Engine):
@@ -103,8 +108,9 @@ def test_linear_kernels_keep_each_row_over_the_engines_row_counts(dtype, weights
     torch.manual_seed(0)
     for inputs, outputs in GPT2_LINEARS:
         linear = torch.nn.Linear(inputs, outputs).to(DTYPES[dtype])
-        layer = PackedLinear(linear) if weights == "packed" else linear
+        layer = linear_layer(linear, dtype, weights)
         fewest, most = row_range(layer)
+        most = min(most, 64)  # int8's range is unbounded
         x = torch.randn(most, inputs).to(DTYPES[dtype])
         with torch.no_grad():
             full = layer(x)

@@ -17,6 +17,7 @@ def test_int8_linear_is_close_to_the_float_layer():
     x = torch.randn(5, 7, 256).to(torch.bfloat16)
     q = Int8Linear(linear, torch.bfloat16)
     assert q.weight.dtype == torch.int8
+    assert q(x).dtype == torch.bfloat16 and q(x).shape == (5, 7, 96)
     assert _relative_error(q(x), linear(x)) < 0.01
 
 
