@@ -44,7 +44,7 @@ def shell_commands() -> list[str]:
 
 
 COMMANDS = shell_commands()
-# A citation such as `see README, "Some section"` (written in two pieces so that this line is not one).
+# A citation of a README section by its title (written in two pieces, so that this line is not one).
 CITED_SECTION = re.compile('README, "' + '([^"]+)"')
 # What a trainer command needs to finish in seconds: tiny shapes, a few steps, the CPU.
 SMALL_RUN = ["--preset", "tiny", "--steps", "3", "--eval-interval", "2", "--eval-iters", "1", "--batch-size", "2",
