@@ -44,8 +44,8 @@ def shell_commands() -> list[str]:
 
 
 COMMANDS = shell_commands()
-# A citation of a README section by its title (written in two pieces, so that this line is not one).
-CITED_SECTION = re.compile('README, "' + '([^"]+)"')
+# A citation of a README section by its title (the quote as a character class, so that this line is not one).
+CITED_SECTION = re.compile(r'README, ["]([^"]+)"')
 # What a trainer command needs to finish in seconds: tiny shapes, a few steps, the CPU.
 SMALL_RUN = ["--preset", "tiny", "--steps", "3", "--eval-interval", "2", "--eval-iters", "1", "--batch-size", "2",
              "--seq-len", "32", "--device", "cpu", "--no-compile", "--checkpoint-interval", "2"]  # fmt: skip
