@@ -5,7 +5,7 @@
 Every implementation decodes greedily from the same 32-token prompt for exactly --new-tokens tokens,
 at batch 1 and at batch 8 (the engine also at 16), after one warm-up run, with the same torch/OpenMP
 thread count: the engine in fp32 and bf16 with plain weights and with weights packed for oneDNN
-(the service's CPU default), and with int8 / int4 weight-only quantization; transformers' generate
+(the service's CPU default), and quantized to int8 / int4; transformers' generate
 in fp32 and bf16; and the peers of bench.peers (llama.cpp, CTranslate2, onnxruntime) at each of
 their precisions, which need the benchmark environment (`make bench-env`; without it they are
 reported missing). The weights are random, scaled as the tests' `sharpen` does so that greedy
@@ -38,7 +38,7 @@ from model import packing
 from model.quantize import quantize
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# (dtype, weights): plain, packed (model.packing) or a weight-only quantization (model.quantize).
+# (dtype, weights): plain, packed (model.packing) or quantized (model.quantize).
 ENGINE_VARIANTS = [("fp32", "plain"), ("fp32", "packed"), ("bf16", "plain"), ("bf16", "packed"), ("bf16", "int8"),
                    ("bf16", "int4")]  # fmt: skip
 # Bytes per weight of each precision, for the batch-1 bound.

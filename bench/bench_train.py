@@ -201,8 +201,10 @@ def main() -> None:
         print_table(f"Training throughput, 4 layers × 4 heads × 128 wide, batch {BATCH} × {SEQ} "
                     f"(best of {args.rounds} interleaved rounds; peak MB: the memory the first steps add; "
                     f"MFU: an estimate against the matrix-product rates above)", rows)
+        # Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX) decides the report's goal.
+        native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
         write_result("train_throughput", {"shape": {**SHAPE, "batch": BATCH, "seq_len": SEQ}, "peak_flops": peaks,
-                                          "rounds": args.rounds, "rows": rows})
+                                          "native_bf16": native_bf16, "rounds": args.rounds, "rows": rows})
         if args.skip_quality:
             return
         # The trainer runs in whichever precision and compile setting measured fastest above.
