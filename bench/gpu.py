@@ -96,7 +96,7 @@ def bench_train(args: argparse.Namespace) -> None:
             warmup_steps=args.warmup_steps, steps=args.decay_steps, seed=args.seed,
         )  # fmt: skip
         trainer = Trainer(s, distributed.setup(args.device))
-        config = trainer.raw_model.config
+        config = trainer.model.config
         kernel = attention_kernel(
             config.n_head,
             config.n_embd // config.n_head,
@@ -131,7 +131,7 @@ def bench_train(args: argparse.Namespace) -> None:
     result["peak_flops"] = trainer.peak
     result["flops_per_token"] = trainer.flops_per_token
     result["run"] = {
-        "preset": args.preset, "parameters": trainer.raw_model.num_parameters(non_embedding=False),
+        "preset": args.preset, "parameters": trainer.model.num_parameters(non_embedding=False),
         "data": args.data, "train_tokens": len(trainer.dataset.train), "device": str(trainer.ctx.device),
         "dtype": args.dtype, "compile": args.compile, "batch_size": args.batch_size, "seq_len": args.seq_len,
         "tokens_per_step": trainer.tokens_per_step, "lr": args.lr, "min_lr": args.min_lr,

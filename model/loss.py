@@ -26,7 +26,6 @@ import torch
 CHUNK_BYTES = 24 * 2**20
 
 
-@torch.compiler.disable  # a compiled model calls this eagerly: Inductor would materialise the logits again
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1,
                          chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
     """Mean cross-entropy of the logits `x @ weight.T` against `targets`, skipping `ignore_index`.

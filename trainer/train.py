@@ -93,28 +93,33 @@ class Trainer:
         if ctx.is_main:
             self._remove_partial_files()
         resume = self._resume_data(settings)
-        self.raw_model = resume[0] if resume else initial_model(settings, ctx.device)
-        config = self.raw_model.config
+        self.model = resume[0] if resume else initial_model(settings, ctx.device)
+        config = self.model.config
         # The run's settings as it runs them (and as its checkpoints record them): --seq-len resolved.
         self.settings = s = settings.model_copy(update={"seq_len": sequence_length(settings, config)})
         self.dataset = self._load_data()
-        self.raw_model.to(ctx.device).train()
-        self.optimizer = adamw(self.raw_model, s.lr, s.weight_decay, ctx.device)
+        self.model.to(ctx.device).train()
+        self.optimizer = adamw(self.model, s.lr, s.weight_decay, ctx.device)
         self.progress = Progress()
         if resume:
             self.progress = checkpoints.restore(resume[1], self.optimizer, self.batch_generator)
 
         # Compiling pays off on GPUs; on a CPU it costs half a minute and a C++ compiler for 10-25%
         # faster steps (bench/bench_train.py), a poor trade for a quickstart.
-        compile_model = s.compile if s.compile is not None else ctx.device.type == "cuda"
-        self.model = torch.compile(self.raw_model) if compile_model else self.raw_model
+        self.compiled = s.compile if s.compile is not None else ctx.device.type == "cuda"
+        if self.compiled:
+            # Block by block, in place (as torchtitan compiles): the identical blocks share one compiled
+            # graph, and the loss (model/loss.py) stays eager, as it must: Inductor would materialise the
+            # logits that it computes a block of rows at a time.
+            for block in self.model.transformer.h:
+                block.compile()
         self.ddp = None
         if ctx.enabled:
             device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(self.model, device_ids=device_ids)
         self.dtype = autocast_dtype(ctx.device, s.dtype)
         self.tokens_per_step = s.batch_size * s.seq_len * s.grad_accum * ctx.world_size
-        self.flops_per_token = flops_per_token(config, self.raw_model.num_parameters(), s.seq_len)
+        self.flops_per_token = flops_per_token(config, self.model.num_parameters(), s.seq_len)
         peak = peak_flops(ctx.device, self.dtype) if ctx.is_main else None
         self.peak = peak * ctx.world_size if peak else None
         self.resumed = resume is not None
@@ -188,7 +193,7 @@ class Trainer:
             loss_sum += loss.detach()
         loss = distributed.mean(loss_sum / s.grad_accum, ctx).item()
         max_norm = s.grad_clip if s.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
         for what, value in (("loss", loss), ("gradient norm", grad_norm)):
             if not math.isfinite(value):
                 self.optimizer.zero_grad(set_to_none=True)
@@ -226,7 +231,7 @@ class Trainer:
     def publish(self, name: str, **extra) -> None:
         # Every process checks (they hold the same weights), so all of them stop together.
         try:
-            check_finite(self.raw_model, f"step {self.progress.step}")
+            check_finite(self.model, f"step {self.progress.step}")
         except CheckpointError as e:
             self._diverged(str(e))
         if not self.ctx.is_main:
@@ -234,7 +239,7 @@ class Trainer:
         path = self.out / name
         try:
             checkpoints.publish(
-                path, self.raw_model, self.progress, self.settings.model_dump(mode="json"), self.dataset.digest,
+                path, self.model, self.progress, self.settings.model_dump(mode="json"), self.dataset.digest,
                 **extra,
             )
         except OSError as e:  # a full disk, most likely: the atomic write left the previous file as it was
@@ -298,14 +303,15 @@ class Trainer:
             reporter.say(f"Saved best model (val loss {p.val_loss:.4f}, step {p.step}) to {self.out / BEST}")
 
     def _describe(self, reporter: Reporter) -> None:
-        s, c = self.settings, self.raw_model.config
-        n = self.raw_model.num_parameters(non_embedding=False)
+        s, c = self.settings, self.model.config
+        n = self.model.num_parameters(non_embedding=False)
         start = f"resuming at step {self.progress.step}" if self.resumed else "from " + s.init
         reporter.say(
             f"Training {c.n_layer} layers × {c.n_head} heads × {c.n_embd} wide, context {c.block_size} "
             f"({n / 1e6:.1f}M parameters), {start}, on {self.ctx.device} "
             f"in {str(self.dtype).removeprefix('torch.')}"
             + (f" × {self.ctx.world_size} processes" if self.ctx.enabled else "")
+            + (", compiled block by block" if self.compiled else "")
         )
         reporter.say(
             f"Data {s.data}: {len(self.dataset.train):,} training and {len(self.dataset.val):,} validation tokens; "

@@ -151,7 +151,8 @@ def test_bf16_autocast_and_compile_train_like_fp32(fit, tmp_path, records):
     fit(tmp_path / "fp32", *common)
     bf16 = fit(tmp_path / "bf16", *common, "--dtype", "bf16")
     assert "in bfloat16" in bf16.output
-    fit(tmp_path / "compiled", *common, "--compile")
+    compiled = fit(tmp_path / "compiled", *common, "--compile")
+    assert "compiled block by block" in compiled.output and "compiled block by block" not in bf16.output
     reference = [r["loss"] for r in records(tmp_path / "fp32")]
     assert [r["loss"] for r in records(tmp_path / "bf16")] == pytest.approx(reference, abs=0.05)
     assert [r["loss"] for r in records(tmp_path / "compiled")] == pytest.approx(reference, abs=1e-4)
