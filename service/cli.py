@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
@@ -42,7 +43,13 @@ def serve(**flags) -> None:
     finally:
         if settings.metrics_dir is None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
-    sys.exit(status)
+    # Every child has exited and every file is closed: skip the interpreter's last garbage collection,
+    # which walks torch's whole object graph (1.5 s on a 2-core machine) for nothing, so that a stop
+    # (`docker compose stop`, Ctrl-C, a test's teardown) takes as long as the drain and no longer.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def prepare_metrics_dir(path: Path | None) -> Path:
