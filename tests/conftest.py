@@ -7,6 +7,7 @@ outlives the tests."""
 from __future__ import annotations
 
 import importlib.util
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,9 +17,9 @@ from processes import pytest_sessionfinish  # noqa: F401 (the hook that fails a 
 from servicekit import Service, start_service
 
 
-@pytest.fixture(scope="session")
-def launch(tmp_path_factory):
-    """Start services that are stopped (SIGTERM, then SIGKILL) at the end of the session."""
+def launching(tmp_path_factory):
+    """A `launch(checkpoint_dir, *flags)` that starts services, all stopped together when it is done:
+    SIGTERM to each at once (a service drains in about a second), SIGKILL to any still running a minute on."""
     started: list[Service] = []
 
     def launch(checkpoint_dir: Path, *args: str, env: dict | None = None, api_key: str | None = None) -> Service:
@@ -28,10 +29,32 @@ def launch(tmp_path_factory):
 
     yield launch
     for service in started:
+        if service.process.poll() is None:
+            service.process.send_signal(signal.SIGTERM)
+    for service in started:
         try:
-            service.stop()
+            service.process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             service.process.kill()
+            service.process.wait()
+
+
+@pytest.fixture
+def launch(tmp_path_factory):
+    """Start services that the test alone uses: stopped when it ends, so none idles beside later tests."""
+    yield from launching(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def launch_for_module(tmp_path_factory):
+    """Start a service that the tests of one file share: stopped after the last of them."""
+    yield from launching(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def launch_for_session(tmp_path_factory):
+    """Start a service that tests in several files share (`served`, `reliable`)."""
+    yield from launching(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

@@ -61,10 +61,10 @@ def workdir(tmp_path_factory, cache_dir):
 
 
 @pytest.fixture(scope="module")
-def service(launch, tmp_path_factory):
+def service(launch_for_module, tmp_path_factory):
     checkpoint_dir = tmp_path_factory.mktemp("readme-checkpoints")
     publish(checkpoint_dir, step=9)
-    return launch(checkpoint_dir)
+    return launch_for_module(checkpoint_dir)
 
 
 def run(argv: list[str], cwd: Path, env: dict | None = None, timeout: float = 600):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from model import Engine, GPT, GPTConfig, SamplingParams
+from model import Engine, GPT, GPTConfig
 from model.packing import ROW_BUCKETS, PackedLinear, pack
 from test_model_generation import GREEDY, PROMPTS, SAMPLED, recompute_greedy
 

@@ -62,7 +62,7 @@ def pytest_terminal_summary(terminalreporter):
 
 
 @pytest.fixture(scope="session")
-def reliable(launch, tmp_path_factory) -> Service:
+def reliable(launch_for_session, tmp_path_factory) -> Service:
     """The service most reliability tests share: an API key, a batch of 16 with room to queue the soak's
     32 clients, and limits the fuzzer can reach."""
     checkpoint_dir = tmp_path_factory.mktemp("checkpoints")
@@ -71,4 +71,4 @@ def reliable(launch, tmp_path_factory) -> Service:
         "--max-batch-size", "16", "--max-queued-requests", "64", "--max-new-tokens", "1000",
         "--max-prompt-tokens", "256", "--max-body-bytes", "65536",
     ]  # fmt: skip
-    return launch(checkpoint_dir, *limits, api_key=API_KEY)
+    return launch_for_session(checkpoint_dir, *limits, api_key=API_KEY)

@@ -13,7 +13,6 @@ import signal
 import socket
 import stat
 
-import pytest
 import torch
 from servicekit import publish, tiny_model, wait_for
 
@@ -38,32 +37,44 @@ def make_socket(path):
     return listener
 
 
-@pytest.mark.parametrize("make", [make_fifo, make_folder, make_device, make_socket], ids=lambda f: f.__name__[5:])
-def test_only_regular_files_are_opened(launch, tmp_path, make, figures):
+SPECIAL_FILES = {"FIFO": make_fifo, "folder": make_folder, "device": make_device, "socket": make_socket}
+
+
+def remove(path):
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def test_only_regular_files_are_opened(launch, tmp_path, figures):
     checkpoint = tmp_path / "best_model.pt"
-    keep = make(checkpoint)
-    # Not even the first start blocks: the service comes up, waiting for a real checkpoint.
+    kept = [make_fifo(checkpoint)]
+    # Not even the first start blocks on a FIFO (whose open waits for a writer): the service comes up,
+    # waiting for a real checkpoint.
     service = launch(tmp_path)
     wait_for(lambda: service.metrics().get("gpt_model_reloads_total", result="failure") == 1, 30,
-             message="the refused file to be counted")  # fmt: skip
+             message="the FIFO to be refused and counted")  # fmt: skip
     health = service.health()
     assert health.status_code == 503 and health.json()["status"] == "waiting"
-    assert "not a regular file" in service.log()
+    assert "not a regular file but a FIFO" in service.log()
     # A real checkpoint published over it is served: the watcher is not stuck.
     staged = publish(tmp_path / "staging", step=4)
-    if checkpoint.is_dir():
-        shutil.rmtree(checkpoint)
+    remove(checkpoint)
     os.replace(staged, checkpoint)
     service.wait_serving(step=4)
-    # The special file again, as a later "version": refused, and the previous model keeps serving.
-    checkpoint.unlink()
-    keep = make(checkpoint) or keep
-    wait_for(lambda: service.metrics().get("gpt_model_reloads_total", result="failure") == 2, 30,
-             message="the second refusal to be counted")  # fmt: skip
-    assert service.predict(prompt="Still here", max_new_tokens=2)["model"]["step"] == 4
+    # Each special file in turn, as a later "version": refused, and the previous model keeps serving.
+    for failures, (kind, make) in enumerate(SPECIAL_FILES.items(), start=2):
+        remove(checkpoint)
+        kept.append(make(checkpoint))
+        wait_for(lambda: service.metrics().get("gpt_model_reloads_total", result="failure") == failures, 30,
+                 message=f"the {kind} to be refused and counted")  # fmt: skip
+        assert f"not a regular file but a {kind}" in service.log()
+        assert service.predict(prompt="Still here", max_new_tokens=2)["model"]["step"] == 4
+        figures[kind] = "refused, previous model served"
     service.process.send_signal(signal.SIGTERM)
     assert service.process.wait(timeout=60) == 0
-    figures[make.__name__[5:]] = "refused, previous model served, clean stop"
+    figures["stop"] = "clean, at the first SIGTERM"
 
 
 def test_a_load_that_takes_too_long_is_given_up(launch, tmp_path, figures):
@@ -89,17 +100,20 @@ def poisoned(kind: str):
     return model
 
 
-@pytest.mark.parametrize("kind", ["nan weight", "inf weight", "overflowing logits"])
-def test_non_finite_models_are_refused(launch, tmp_path, kind, figures):
+def test_non_finite_models_are_refused(launch, tmp_path, figures):
     publish(tmp_path, step=10)
     service = launch(tmp_path)
     service.wait_serving(step=10)
-    staged = save_checkpoint(tmp_path / "staging" / "best_model.pt", poisoned(kind), step=11, val_loss=1.0)
-    os.replace(staged, tmp_path / "best_model.pt")
-    wait_for(lambda: service.metrics().get("gpt_model_reloads_total", result="failure") == 1, 30,
-             message="the poisoned checkpoint to be refused")  # fmt: skip
-    assert service.predict(prompt="Sane", max_new_tokens=3)["model"]["step"] == 10
-    assert service.health().status_code == 200
-    expected = "are not finite" if kind == "overflowing logits" else "holds NaN or Inf values"
-    assert expected in service.log()
-    figures[kind] = "refused"
+    expected = {"nan weight": "holds NaN or Inf values", "inf weight": "holds NaN or Inf values",
+                "overflowing logits": "are not finite"}  # fmt: skip
+    for failures, (kind, message) in enumerate(expected.items(), start=1):
+        seen = len(service.log())
+        staged = save_checkpoint(tmp_path / "staging" / "best_model.pt", poisoned(kind), step=10 + failures,
+                                 val_loss=1.0)  # fmt: skip
+        os.replace(staged, tmp_path / "best_model.pt")
+        wait_for(lambda: service.metrics().get("gpt_model_reloads_total", result="failure") == failures, 30,
+                 message=f"the checkpoint with a {kind} to be refused")  # fmt: skip
+        wait_for(lambda: message in service.log()[seen:], 10, message=f"the refusal of the {kind} in the log")
+        assert service.predict(prompt="Sane", max_new_tokens=3)["model"]["step"] == 10
+        assert service.health().status_code == 200
+        figures[kind] = "refused"

@@ -24,10 +24,10 @@ REQUEST_TIMEOUT = 3.0  # seconds a request may take to arrive, for this file's s
 
 
 @pytest.fixture(scope="module")
-def service(launch, tmp_path_factory):
+def service(launch_for_module, tmp_path_factory):
     checkpoint_dir = tmp_path_factory.mktemp("checkpoints")
     publish(checkpoint_dir, step=2)
-    return launch(checkpoint_dir, "--request-timeout", str(REQUEST_TIMEOUT))
+    return launch_for_module(checkpoint_dir, "--request-timeout", str(REQUEST_TIMEOUT))
 
 
 def address(service) -> tuple[str, int]:

@@ -22,10 +22,10 @@ LONG = 1000  # tokens: a request that is surely still running when the fault str
 
 
 @pytest.fixture(scope="module")
-def service(launch, tmp_path_factory):
+def service(launch_for_module, tmp_path_factory):
     checkpoint_dir = tmp_path_factory.mktemp("checkpoints")
     publish(checkpoint_dir, step=7)
-    return launch(checkpoint_dir, "--api-servers", "2", "--stall-timeout", "2")
+    return launch_for_module(checkpoint_dir, "--api-servers", "2", "--stall-timeout", "2")
 
 
 def pids(service, role: str) -> list[int]:

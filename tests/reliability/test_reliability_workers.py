@@ -22,11 +22,11 @@ LONG = 1000  # tokens: the requests are surely still running when the worker die
 
 
 @pytest.fixture(scope="module")
-def service(launch, tmp_path_factory):
+def service(launch_for_module, tmp_path_factory):
     checkpoint_dir = tmp_path_factory.mktemp("checkpoints")
     publish(checkpoint_dir, step=5)
     # A request the dead worker's last queue read took is lost: it fails after the queue timeout.
-    return launch(checkpoint_dir, "--max-batch-size", "4", "--queue-timeout", "10")
+    return launch_for_module(checkpoint_dir, "--max-batch-size", "4", "--queue-timeout", "10")
 
 
 def worker_pid(service) -> int | None:

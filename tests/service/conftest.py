@@ -12,7 +12,7 @@ from servicekit import API_KEY, Service, publish
 
 
 @pytest.fixture(scope="session")
-def served(launch, tmp_path_factory) -> Service:
+def served(launch_for_session, tmp_path_factory) -> Service:
     """The shared service: step 100 of a tiny model (its weights packed, the CPU default), an API key,
     small limits that tests can reach, and an event per streamed token."""
     checkpoint_dir = tmp_path_factory.mktemp("checkpoints")
@@ -21,4 +21,4 @@ def served(launch, tmp_path_factory) -> Service:
         "--max-batch-size", "8", "--max-queued-requests", "8", "--max-new-tokens", "1000",
         "--max-prompt-tokens", "300", "--max-body-bytes", "65536",
     ]  # fmt: skip
-    return launch(checkpoint_dir, *limits, "--stream-interval", "0", api_key=API_KEY)
+    return launch_for_session(checkpoint_dir, *limits, "--stream-interval", "0", api_key=API_KEY)

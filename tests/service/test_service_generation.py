@@ -113,6 +113,21 @@ def test_a_short_request_leaves_the_batch_as_soon_as_it_is_done(served):
     assert tokens_after_short_done > 0, tokens_after_short_done
 
 
+def hold(service, started: threading.Event, done: threading.Event, body: dict) -> bool:
+    """Stream `body` until `done` is set, then hang up; say whether it was still running then."""
+    with service.client() as client, client.stream("POST", "/predict", json={**body, "stream": True}) as response:
+        assert response.status_code == 200, response.read()
+        lines = response.iter_lines()
+        next(lines)
+        started.set()
+        for line in lines:
+            if done.is_set():
+                return True
+            if line == "data: [DONE]":
+                return False
+    return False
+
+
 # Seeded requests of every sampling setting: the whole vocabulary (top_k 50257 on /predict, and OpenAI's
 # default on /v1), wide and narrow top-k, nucleus.
 SEEDED = [{"top_k": 50257}, {"top_k": 1000}, {"top_k": 50}, {"top_k": 50257, "top_p": 0.95}]
@@ -131,10 +146,12 @@ def test_seeded_text_does_not_depend_on_what_shares_the_batch(launch, tmp_path, 
     with service.client() as client:
         alone.append(client.post("/v1/completions", json=completion).json()["choices"][0]["text"])
 
-    fillers = [{"prompt": " word" * length, "max_new_tokens": 600, "seed": length} for length in (300, 60, 3)]
+    # Fillers of very different lengths run beside the seeded requests until they are all done.
+    fillers = [{"prompt": " word" * length, "max_new_tokens": 700, "seed": length} for length in (300, 60, 3)]
+    done = threading.Event()
     with ThreadPoolExecutor(len(fillers) + len(requests) + 1) as pool:
         started = [threading.Event() for _ in fillers]
-        running = [pool.submit(service.stream, event, **filler) for event, filler in zip(started, fillers)]
+        running = [pool.submit(hold, service, event, done, filler) for event, filler in zip(started, fillers)]
         for event in started:
             event.wait(60)
         batched = []
@@ -149,6 +166,7 @@ def test_seeded_text_does_not_depend_on_what_shares_the_batch(launch, tmp_path, 
 
         batched.append(pool.submit(complete))
         texts = [future.result() for future in batched]
-        assert all(future.result() for future in running)
+        done.set()
+        assert all(future.result() for future in running), "a filler ended before the seeded requests did"
     texts = ["".join(event["text"] for _, event in text) if isinstance(text, list) else text for text in texts]
     assert texts == alone

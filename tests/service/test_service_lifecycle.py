@@ -27,8 +27,8 @@ def hf_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def service(launch, tmp_path_factory, hf_dir):
-    return launch(tmp_path_factory.mktemp("checkpoints"), "--init", str(hf_dir))
+def service(launch_for_module, tmp_path_factory, hf_dir):
+    return launch_for_module(tmp_path_factory.mktemp("checkpoints"), "--init", str(hf_dir))
 
 
 def worker_pid(service) -> int:

@@ -112,16 +112,16 @@ def test_access_log_has_one_line_per_request_with_its_id(served):
 
 def test_a_full_queue_answers_429_and_abandoned_streams_free_their_rows(served):
     # The shared service holds 8 running and 8 queued requests: 20 long streams overflow it.
+    wait_for(lambda: served.metrics().get("gpt_num_requests_running") == 0, 60, message="an idle start")
     release = threading.Event()
     before = served.metrics()
+    # One client for all: opening 20 clients (an SSL context each) takes seconds on a busy machine.
+    limits = httpx.Limits(max_connections=20)
+    client = httpx.Client(base_url=served.url, headers=served.headers, timeout=60.0, limits=limits)
 
     def open_stream(i):
-        with (
-            served.client() as client,
-            client.stream(
-                "POST", "/predict", json={"prompt": f"Stream {i}", "max_new_tokens": 1000, "stream": True}
-            ) as response,
-        ):
+        body = {"prompt": f"Stream {i}", "max_new_tokens": 1000, "stream": True}
+        with client.stream("POST", "/predict", json=body) as response:
             if response.status_code != 200:
                 return response.status_code, response.headers.get("retry-after"), json.loads(response.read())
             lines = response.iter_lines()
@@ -129,10 +129,10 @@ def test_a_full_queue_answers_429_and_abandoned_streams_free_their_rows(served):
             release.wait(60)
             return 200, None, None  # leaving the block closes the connection mid-stream
 
-    with ThreadPoolExecutor(20) as pool:
+    with client, ThreadPoolExecutor(20) as pool:
         futures = [pool.submit(open_stream, i) for i in range(20)]
         try:
-            wait_for(lambda: sum(f.done() for f in futures) >= 4, 30, message="the overflow to be refused")
+            wait_for(lambda: sum(f.done() for f in futures) >= 4, 60, message="the overflow to be refused")
         finally:
             release.set()
         results = [f.result() for f in futures]

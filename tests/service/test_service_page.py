@@ -56,14 +56,14 @@ def run_dir(tmp_path_factory, cache_dir) -> Path:
 
 
 @pytest.fixture(scope="module")
-def service(launch, run_dir):
-    return launch(run_dir, "--stream-interval", "0")
+def service(launch_for_module, run_dir):
+    return launch_for_module(run_dir, "--stream-interval", "0")
 
 
 @pytest.fixture(scope="module")
-def keyed(launch, tmp_path_factory):
+def keyed(launch_for_module, tmp_path_factory):
     """A service with an API key over an empty folder (no checkpoint, no metrics.jsonl yet)."""
-    return launch(tmp_path_factory.mktemp("keyed"), api_key=API_KEY)
+    return launch_for_module(tmp_path_factory.mktemp("keyed"), api_key=API_KEY)
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,8 @@ from model import save_checkpoint
 
 
 @pytest.fixture(scope="module")
-def service(launch, tmp_path_factory):
-    return launch(tmp_path_factory.mktemp("checkpoints"), "--max-batch-size", "8", "--stream-interval", "0.05")
+def service(launch_for_module, tmp_path_factory):
+    return launch_for_module(tmp_path_factory.mktemp("checkpoints"), "--max-batch-size", "8", "--stream-interval", "0.05")
 
 
 def test_without_a_checkpoint_it_is_live_but_not_ready(service):
