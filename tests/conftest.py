@@ -7,11 +7,10 @@ outlives the tests."""
 from __future__ import annotations
 
 import importlib.util
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
+import processes
 import pytest
 from processes import pytest_sessionfinish  # noqa: F401 (the hook that fails a session leaving processes behind)
 from servicekit import Service, start_service
@@ -28,15 +27,7 @@ def launching(tmp_path_factory):
         return service
 
     yield launch
-    for service in started:
-        if service.process.poll() is None:
-            service.process.send_signal(signal.SIGTERM)
-    for service in started:
-        try:
-            service.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            service.process.kill()
-            service.process.wait()
+    processes.stop(*(service.process for service in started))
 
 
 @pytest.fixture

@@ -49,17 +49,17 @@ def run(
     return subprocess.run(argv, preexec_fn=tie, timeout=timeout, **popen)
 
 
-def stop_group(process: subprocess.Popen, timeout: float = 30.0) -> int:
-    """SIGTERM the child's whole session, SIGKILL it if it overstays; return the child's exit status."""
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    try:
-        return process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        return process.wait()
+def stop(*children: subprocess.Popen, timeout: float = 60.0) -> None:
+    """SIGTERM every child at once, then wait for each; SIGKILL one that overstays `timeout`."""
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    for child in children:
+        try:
+            child.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
 
 
 def tree(pid: int) -> list[psutil.Process]:

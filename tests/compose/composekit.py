@@ -117,13 +117,7 @@ class Engine:
         return json.loads(self.docker(kind, "inspect", *names).stdout)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        processes.stop(self.process, timeout=90)
 
 
 @contextlib.contextmanager
