@@ -26,7 +26,8 @@ SETTINGS = {
     "top_p 0.95": dict(top_k=None, top_p=0.95),
     "greedy": dict(temperature=0.0),
 }
-LAYOUTS = [("fp32", "plain"), ("fp32", "packed"), ("bf16", "plain"), ("bf16", "packed"), ("fp32", "int8"), ("bf16", "int8")]
+LAYOUTS = [("fp32", "plain"), ("fp32", "packed"), ("bf16", "plain"), ("bf16", "packed"), ("fp32", "int8"),
+           ("bf16", "int8")]  # fmt: skip
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # The layers of the gpt2 shape: attention in and out, MLP in and out, the LM head.
 GPT2_LINEARS = [(768, 2304), (768, 768), (768, 3072), (3072, 768), (768, 50257)]
@@ -34,11 +35,19 @@ GPT2_LINEARS = [(768, 2304), (768, 768), (768, 3072), (3072, 768), (768, 50257)]
 
 def layout(model: GPT, dtype: str, weights: str) -> GPT:
     copied = copy.deepcopy(model).to(DTYPES[dtype]).eval()
-    return {"packed": pack, "int8": lambda m: quantize(m, "int8")}.get(weights, lambda m: m)(copied)
+    if weights == "packed":
+        return pack(copied)
+    if weights == "int8":
+        return quantize(copied, "int8")
+    return copied
 
 
 def linear_layer(linear: torch.nn.Linear, dtype: str, weights: str) -> torch.nn.Module:
-    return {"packed": PackedLinear, "int8": lambda l: Int8Linear(l, DTYPES[dtype])}.get(weights, lambda l: l)(linear)
+    if weights == "packed":
+        return PackedLinear(linear)
+    if weights == "int8":
+        return Int8Linear(linear, DTYPES[dtype])
+    return linear
 
 
 class RecordingEngine(Engine):
