@@ -51,6 +51,9 @@ class Scheduler:
         self.checkpoint = checkpoint
         self._cond = threading.Condition()
         self._current: Loaded | None = None
+        # Requests accepted for the current model and not yet finished: the bound of submit(), kept here
+        # under the lock because the engine's own counts miss the rows it is moving into its batch.
+        self._held = 0
         self._inbox: list[Tracked] = []
         self._cancels: list[str | ServerGone] = []
         self._busy = False
@@ -72,6 +75,7 @@ class Scheduler:
         """Serve `loaded` to requests accepted from now on."""
         with self._cond:
             self._current = loaded
+            self._held = 0
             self._cond.notify()
 
     def submit(self, request: GenerationRequest, sink: Sink) -> Accepted | Refused:
@@ -86,11 +90,10 @@ class Scheduler:
             except ContextLengthError:
                 detail = {"prompt_tokens": len(request.prompt), "max_new_tokens": request.params.max_new_tokens}
                 return Refused("too_long", {**detail, "context": engine.max_seq_len})
-            inbox = sum(1 for t in self._inbox if t.loaded is loaded)
-            # Counts read while the scheduler thread steps are at most one step old: close enough for a bound.
-            held = inbox + engine.num_running + engine.num_waiting
-            if held >= engine.max_batch_size + self.max_queued:
-                return Refused("queue_full", {"held": held, "batch": engine.max_batch_size, "queue": self.max_queued})
+            if self._held >= engine.max_batch_size + self.max_queued:
+                detail = {"held": self._held, "batch": engine.max_batch_size, "queue": self.max_queued}
+                return Refused("queue_full", detail)
+            self._held += 1
             self._inbox.append(Tracked(request, sink, loaded))
             if not self._busy:
                 self._busy = True
@@ -153,8 +156,14 @@ class Scheduler:
             gone = [self._requests[what]] if what in self._requests else []
         for tracked in gone:
             del self._requests[tracked.request.request_id]
+            self._release(tracked)
             tracked.loaded.engine.cancel(tracked.request.request_id)
             _deliver(tracked, Chunk("", 0, FINISH_ABORT))
+
+    def _release(self, tracked: Tracked) -> None:
+        with self._cond:
+            if tracked.loaded is self._current:
+                self._held -= 1
 
     def _step(self, loaded: Loaded) -> None:
         started = time.monotonic()
@@ -181,6 +190,7 @@ class Scheduler:
             tracked.last_token_at = now
             if event.finished:
                 del self._requests[event.request_id]
+                self._release(tracked)
             _deliver(tracked, Chunk(event.text, 1, event.finish_reason))
 
     def _fail(self, loaded: Loaded) -> None:
@@ -195,6 +205,7 @@ class Scheduler:
             self._inbox = [t for t in self._inbox if t.loaded is not loaded]
             if fresh is not None and self._current is loaded:
                 self._current = fresh
+                self._held = 0
         running = [t for t in self._requests.values() if t.loaded is loaded]
         for tracked in running:
             del self._requests[tracked.request.request_id]
