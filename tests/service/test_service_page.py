@@ -230,6 +230,8 @@ def test_stop_ends_the_stream_and_the_service_frees_the_row(service, tab):
     [worker] = before.pids("worker")
     page_tab.generate("Stop me", max_new_tokens=1000)
     page_tab.page.wait_for_function("() => document.getElementById('completion').textContent", polling=20)
+    # The running gauge is set after each step's tokens go out: on a busy machine the text can come first.
+    wait_for(lambda: service.metrics().get("gpt_num_requests_running") == 1, 30, message="the row to be counted")
     # The worker is paused while Stop is pressed, so that the generation cannot finish first however fast it runs.
     os.kill(worker, signal.SIGSTOP)
     try:
