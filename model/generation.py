@@ -175,6 +175,7 @@ class Engine:
         tokenizer: Tokenizer | None = None,
         max_batch_size: int = 8,
         max_seq_len: int | None = None,
+        batch_invariant: bool = True,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -183,7 +184,11 @@ class Engine:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.cache = KVCache(self.config, max_batch_size, self.max_seq_len, self.dtype, self.device)
-        self.row_range = row_range(model)
+        # Without batch invariance (a benchmark's "before", or a service that promises no seeded
+        # reproducibility): prompts that arrive together are prefilled padded in one pass, decode
+        # attention is one masked call, and the matrix products see whatever row count the batch has.
+        self.batch_invariant = batch_invariant
+        self.row_range = row_range(model) if batch_invariant else (1, 1 << 30)
         self.batch = Batch(self.device)
         self.waiting: deque[Sequence] = deque()
         self._auto_ids = itertools.count()
@@ -257,7 +262,8 @@ class Engine:
             tokens = [seqs[i].tokens[-1] for i in group] + [EOT_TOKEN] * (fewest - len(group))
             idx = torch.tensor(tokens, device=self.device)
             positions = [seqs[i].position for i in group]
-            logits.append(self.model.decode(idx, list(group), positions, self.cache)[: len(group)])
+            decoded = self.model.decode(idx, list(group), positions, self.cache, self.batch_invariant)
+            logits.append(decoded[: len(group)])
         logits = logits[0] if len(logits) == 1 else torch.cat(logits)
         return self._sample(seqs, logits, self.batch.sampling_tensors())
 
@@ -267,10 +273,15 @@ class Engine:
         if not admitted:
             return []
         first = len(self.batch)
-        logits = torch.cat([
-            self.model.prefill(torch.tensor(s.prompt, device=self.device), self.cache, first + i)
-            for i, s in enumerate(admitted)
-        ])  # fmt: skip
+        if self.batch_invariant:
+            logits = torch.cat([
+                self.model.prefill(torch.tensor([s.prompt], device=self.device), self.cache, first + i)
+                for i, s in enumerate(admitted)
+            ])  # fmt: skip
+        else:
+            lengths = [len(s.prompt) for s in admitted]
+            padded = [s.prompt + [EOT_TOKEN] * (max(lengths) - len(s.prompt)) for s in admitted]
+            logits = self.model.prefill(torch.tensor(padded, device=self.device), self.cache, first, lengths)
         self.batch.extend(admitted)
         return self._sample(admitted, logits, sampling_tensors(admitted, self.device))
 

@@ -143,24 +143,29 @@ class CausalSelfAttention(nn.Module):
 
     def prefill(self, x: torch.Tensor, cache: KVCache, layer: int, row: int) -> torch.Tensor:
         q, k, v = self._heads(x)
-        T = x.shape[1]
-        cache.k[layer, row, :, :T] = k[0]
-        cache.v[layer, row, :, :T] = v[0]
+        B, T = x.shape[:2]
+        cache.k[layer, row : row + B, :, :T] = k
+        cache.v[layer, row : row + B, :, :T] = v
         return self._merge(F.scaled_dot_product_attention(q, k, v, is_causal=True))
 
-    def decode(self, x: torch.Tensor, cache: KVCache, layer: int, rows: torch.Tensor, pos: torch.Tensor, runs):
+    def decode(self, x: torch.Tensor, cache: KVCache, layer: int, rows: torch.Tensor, pos: torch.Tensor, attend):
         q, k, v = self._heads(x)
         B = len(rows)
         cache.k[layer, rows, :, pos] = k[:B, :, 0]
         cache.v[layer, rows, :, pos] = v[:B, :, 0]
-        # One attention per run of neighbouring cache rows at the same position, over exactly that
-        # prefix: a masked span as long as the longest row would change the kernel's reduction
-        # order, and with it the last bits of every shorter row (see decode_runs).
         keys, values = cache.k[layer], cache.v[layer]
-        parts = [
-            F.scaled_dot_product_attention(q[i:j], keys[r : r + j - i, :, :n], values[r : r + j - i, :, :n])
-            for i, j, r, n in runs
-        ]
+        if isinstance(attend, torch.Tensor):  # not batch-invariant: one call, each row masked to its prefix
+            span = attend.shape[-1]
+            keys, values = keys[rows, :, :span], values[rows, :, :span]
+            parts = [F.scaled_dot_product_attention(q[:B], keys, values, attn_mask=attend)]
+        else:
+            # One attention per run of neighbouring cache rows at the same position, over exactly that
+            # prefix: a masked span as long as the longest row would change the kernel's reduction
+            # order, and with it the last bits of every shorter row (see decode_runs).
+            parts = [
+                F.scaled_dot_product_attention(q[i:j], keys[r : r + j - i, :, :n], values[r : r + j - i, :, :n])
+                for i, j, r, n in attend
+            ]
         if x.shape[0] > B:  # padding rows, there for the matrix kernels' row count only
             parts.append(q.new_zeros(x.shape[0] - B, *q.shape[1:]))
         return self._merge(parts[0] if len(parts) == 1 else torch.cat(parts))
@@ -195,8 +200,8 @@ class Block(nn.Module):
         x = x + self.attn.prefill(self.ln_1(x), cache, layer, row)
         return x + self.mlp(self.ln_2(x))
 
-    def decode(self, x, cache, layer, rows, pos, runs):
-        x = x + self.attn.decode(self.ln_1(x), cache, layer, rows, pos, runs)
+    def decode(self, x, cache, layer, rows, pos, attend):
+        x = x + self.attn.decode(self.ln_1(x), cache, layer, rows, pos, attend)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -262,31 +267,41 @@ class GPT(nn.Module):
             weight = weight[: self.config.vocab_size]
         return None, linear_cross_entropy(self.transformer.ln_f(x).flatten(0, 1), weight, targets.flatten())
 
-    def prefill(self, prompt: torch.Tensor, cache: KVCache, row: int) -> torch.Tensor:
-        """Run one prompt (T,) into cache `row`; return the logits (1, V) after its last token.
+    def prefill(self, prompts: torch.Tensor, cache: KVCache, row: int, lengths: list[int] | None = None):
+        """Run prompts (B, T) into cache rows `row`.. `row + B - 1`; return the logits (B, V) after each
+        prompt's last token (`lengths[i]` tokens of row i are the prompt, the rest padding; default T).
 
-        One prompt at a time: prompts padded to a common length would meet kernels chosen for the
-        longest one, and their numbers would depend on which prompts arrived together.
+        The engine prefills one prompt at a time unless told otherwise: prompts padded to a common
+        length meet kernels chosen for the longest one, and their numbers would depend on which
+        prompts arrived together. Padding goes after a prompt, where causal attention keeps it out of
+        the prompt's numbers, and decode overwrites its cache entries.
         """
-        T = prompt.shape[0]
-        x = self._embed(prompt[None], torch.arange(T, device=prompt.device))
+        B, T = prompts.shape
+        x = self._embed(prompts, torch.arange(T, device=prompts.device))
         for layer, block in enumerate(self.transformer.h):
             x = block.prefill(x, cache, layer, row)
-        return self._logits(x[:, -1])
+        last = [T - 1] * B if lengths is None else [n - 1 for n in lengths]
+        return self._logits(x[list(range(B)), last])
 
-    def decode(self, idx: torch.Tensor, rows: list[int], positions: list[int], cache: KVCache) -> torch.Tensor:
+    def decode(
+        self, idx: torch.Tensor, rows: list[int], positions: list[int], cache: KVCache, batch_invariant: bool = True
+    ) -> torch.Tensor:
         """One token per cache row: `idx[i]` goes to `positions[i]` of row `rows[i]`; return logits.
 
         Entries of `idx` beyond `rows` are padding: they pass through the matrix products (whose
-        kernels some row counts suit) but neither attend nor touch the cache.
+        kernels some row counts suit) but neither attend nor touch the cache. Without
+        `batch_invariant`, attention is one call for the batch, each row masked to its own prefix.
         """
         pos = torch.tensor(positions, device=idx.device)
         row_index = torch.tensor(rows, device=idx.device)
-        runs = decode_runs(rows, positions)
+        if batch_invariant:
+            attend = decode_runs(rows, positions)
+        else:
+            attend = (torch.arange(max(positions) + 1, device=idx.device) <= pos[:, None])[:, None, None, :]
         padded = torch.cat([pos, pos.new_zeros(len(idx) - len(rows))])
         x = self._embed(idx[:, None], padded[:, None])
         for layer, block in enumerate(self.transformer.h):
-            x = block.decode(x, cache, layer, row_index, pos, runs)
+            x = block.decode(x, cache, layer, row_index, pos, attend)
         return self._logits(x[:, 0])
 
     @torch.no_grad()

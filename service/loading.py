@@ -37,6 +37,7 @@ class ModelLoader:
         pack_weights: bool,
         tokenizer: Tokenizer,
         max_batch_size: int,
+        batch_invariant: bool = True,
     ):
         self.device = device
         # None until --dtype auto has measured which precision decodes faster (at the first load).
@@ -46,6 +47,7 @@ class ModelLoader:
         self.pack = pack_weights and quantization == "none" and device.type == "cpu" and packing.available()
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
+        self.batch_invariant = batch_invariant
         self.shape: dict | None = None
 
     @property
@@ -61,7 +63,8 @@ class ModelLoader:
             layout = "plain"
         else:
             layout = self.quantization
-        return f"{str(self.dtype).removeprefix('torch.')} weights, {layout}"
+        invariance = "" if self.batch_invariant else ", not batch-invariant"
+        return f"{str(self.dtype).removeprefix('torch.')} weights, {layout}{invariance}"
 
     def checkpoint(self, path: Path) -> Loaded:
         """The checkpoint at `path`; CheckpointError (naming the file) if it cannot be served.
@@ -105,7 +108,8 @@ class ModelLoader:
         else:
             model = self._prepare(model, self.dtype)
         self._probe(model, source)
-        return Loaded(Engine(model, self.tokenizer, self.max_batch_size), info)
+        engine = Engine(model, self.tokenizer, self.max_batch_size, batch_invariant=self.batch_invariant)
+        return Loaded(engine, info)
 
     def _prepare(self, model: GPT, dtype: torch.dtype) -> GPT:
         model = quantize(model.to(dtype).eval(), self.quantization)

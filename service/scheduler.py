@@ -199,7 +199,8 @@ class Scheduler:
         fresh = None
         if self._current is loaded:
             old = loaded.engine
-            fresh = Loaded(Engine(old.model, old.tokenizer, old.max_batch_size, old.max_seq_len), loaded.info)
+            engine = Engine(old.model, old.tokenizer, old.max_batch_size, old.max_seq_len, old.batch_invariant)
+            fresh = Loaded(engine, loaded.info)
         with self._cond:
             queued = [t for t in self._inbox if t.loaded is loaded]
             self._inbox = [t for t in self._inbox if t.loaded is not loaded]

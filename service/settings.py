@@ -61,6 +61,13 @@ class ServiceSettings(BaseSettings):
         "decoding slightly slower; packed bf16 (--dtype bf16) beats fp32 at batch 1 and 8 on CPUs with "
         "AVX512-BF16 (the README's decode benchmark).",
     )
+    batch_invariant: bool = Field(
+        True,
+        description="A seeded request's tokens do not depend on which requests share its steps (the README's "
+        "Batch invariance). --no-batch-invariant drops that promise for the engine's plain batched path: "
+        "prompts prefilled padded together, one masked attention call per layer, no padded row counts; "
+        "make bench measures what it buys.",
+    )
     threads: int | None = Field(
         None,
         ge=1,

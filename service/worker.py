@@ -83,7 +83,8 @@ def start_worker(settings: ServiceSettings, board: StatusBoard, controls: list, 
     importlib.import_module("torch._dynamo")
     torch_device = torch.device(device)
     loader = ModelLoader(
-        torch_device, settings.dtype, settings.quantize, settings.pack_weights, Tokenizer(), settings.max_batch_size
+        torch_device, settings.dtype, settings.quantize, settings.pack_weights, Tokenizer(), settings.max_batch_size,
+        settings.batch_invariant,
     )
     scheduler = Scheduler(worker_id, settings.max_queued_requests, board, str(settings.checkpoint_path))
 

@@ -42,6 +42,23 @@ def test_weights_packed_for_the_cpu_answer_what_plain_weights_answer(served, lau
     assert re.search(r"serves \w+ weights, plain on cpu", plain.log())
 
 
+
+def test_without_batch_invariance_requests_batched_together_answer_what_they_answer_alone(served, launch, tmp_path):
+    """--no-batch-invariant's plain batched path (padded prefill, masked attention) computes the same
+    texts: prompts of different lengths sent at once, against the invariant service's solo answers."""
+    publish(tmp_path, step=100, val_loss=3.25)
+    dtype = served.health().json()["workers"][0]["dtype"]
+    plain = launch(tmp_path, "--no-batch-invariant", "--dtype", dtype, api_key=API_KEY)
+    requests = [
+        {"prompt": prompt, "max_new_tokens": 16 + 4 * i, "temperature": 0}
+        for i, prompt in enumerate(["A", "Once upon a time there lived a king", "The", " word" * 80])
+    ]
+    alone = [served.predict(**request)["text"] for request in requests]
+    with ThreadPoolExecutor(len(requests)) as pool:
+        together = list(pool.map(lambda request: plain.predict(**request)["text"], requests))
+    assert together == alone
+    assert re.search(r"serves \w+ weights, packed for oneDNN, not batch-invariant on cpu", plain.log())
+
 def test_a_seed_reproduces_and_another_seed_differs(served):
     first = served.predict(prompt="The king", max_new_tokens=20, seed=7)
     again = served.predict(prompt="The king", max_new_tokens=20, seed=7)
