@@ -11,7 +11,8 @@ their precisions, which need the benchmark environment (`make bench-env`; withou
 reported missing). The weights are random, scaled as the tests' `sharpen` does so that greedy
 tokens are decided by real margins; each row says how many of its first 32 tokens match the
 engine's at the same precision. The same run measures the machine's memory-read bandwidth, and from it the
-batch-1 bound of each precision (every weight read once per token). With a trained checkpoint and
+batch-1 bound of each precision (every weight read once per token), and what batch invariance costs:
+the fp32 and packed layouts timed again without it (Engine(batch_invariant=False)). With a trained checkpoint and
 a text file, the validation loss of each engine variant shows what quantization costs in quality.
 """
 
@@ -43,6 +44,8 @@ ENGINE_VARIANTS = [("fp32", "plain"), ("fp32", "packed"), ("bf16", "plain"), ("b
                    ("bf16", "int4")]  # fmt: skip
 # Bytes per weight of each precision, for the batch-1 bound.
 WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "int8": 1, "int4": 0.5}
+# The layouts whose batch invariance is priced: each is timed again right after, without it.
+INVARIANCE_PRICED = [("fp32", "plain"), ("fp32", "packed"), ("bf16", "packed")]
 SHARPEN = 8.0  # as tests/modelkit.py's sharpen
 AGREEMENT_TOKENS = 32
 
@@ -69,9 +72,10 @@ def engine_model(model: GPT, dtype: str, weights: str) -> GPT:
     return quantize(copied, "none" if weights == "plain" else weights)
 
 
-def engine_generate(model: GPT):
+def engine_generate(model: GPT, batch_invariant: bool = True):
     def generate(prompt: list[int], batch: int, new_tokens: int) -> list[list[int]]:
-        engine = Engine(model, max_batch_size=batch, max_seq_len=len(prompt) + new_tokens)
+        engine = Engine(model, max_batch_size=batch, max_seq_len=len(prompt) + new_tokens,
+                        batch_invariant=batch_invariant)  # fmt: skip
         return engine.generate_tokens([prompt] * batch, SamplingParams(max_new_tokens=new_tokens, temperature=0.0,
                                                                        stop_at_eot=False))  # fmt: skip
 
@@ -189,6 +193,20 @@ def measure(rows: list[dict], impl: str, dtype: str, weights: str, generate, pro
         print_table(f"{impl} {dtype} {weights} batch {batch}", rows[-1:])
 
 
+def price_invariance(model: GPT, dtype: str, weights: str, prompt: list[int], args, rows: list[dict]) -> list[dict]:
+    """The engine without batch invariance (prompts prefilled padded together, one masked attention
+    call, any row count) at each batch size, beside the invariant rate just measured in `rows`."""
+    priced = []
+    for batch in args.batches:
+        invariant = next(r["tokens_per_s"] for r in reversed(rows) if r["weights"] == weights
+                         and r["dtype"] == dtype and r["batch"] == batch)  # fmt: skip
+        plain, _ = timed(engine_generate(model, batch_invariant=False), prompt, batch, args.new_tokens)
+        priced.append({"dtype": dtype, "weights": weights, "batch": batch, "invariant_tokens_per_s": invariant,
+                       "not_invariant_tokens_per_s": plain, "invariant_vs_not": invariant / plain})  # fmt: skip
+        print_table(f"engine {dtype} {weights} batch {batch}: batch invariance priced", priced[-1:])
+    return priced
+
+
 PEER_RESULT = "peer result: "
 
 
@@ -263,10 +281,13 @@ def main() -> None:
 
     rows: list[dict] = []
     references: dict[str, list[int]] = {}  # the engine's first tokens per precision
+    invariance: list[dict] = []
     for dtype, weights in ENGINE_VARIANTS:
         variant = engine_model(model, dtype, weights)
         batches = args.batches + (args.engine_batches if weights == "packed" else [])
         measure(rows, "engine", dtype, weights, engine_generate(variant), prompt, batches, args.new_tokens, references)
+        if (dtype, weights) in INVARIANCE_PRICED:
+            invariance += price_invariance(variant, dtype, weights, prompt, args, rows)
         del variant
     with tempfile.TemporaryDirectory() as directory:
         model.save_pretrained(directory)
@@ -302,7 +323,8 @@ def main() -> None:
 
     result = {"preset": args.preset, "new_tokens": args.new_tokens, "prompt_tokens": len(prompt), "threads": threads,
               "sharpen": SHARPEN, "bandwidth_bytes_per_s": bandwidth, "batch1_bound_tokens_per_s": bounds,
-              "transformers_batch1_tokens_per_s": reference_rate, "rows": rows, "profiles": profiles}  # fmt: skip
+              "transformers_batch1_tokens_per_s": reference_rate, "rows": rows, "invariance": invariance,
+              "profiles": profiles}  # fmt: skip
     if args.checkpoint and args.data:
         result["quality"] = quality(args.checkpoint, args.data)
         print_table(f"Validation loss by engine precision ({args.checkpoint})", result["quality"])

@@ -12,7 +12,9 @@ both sides (the service's default, passive, unless told otherwise):
      medians compared;
   2. batching: aggregate output tokens/s of 16 concurrent streaming clients against one client's,
      in the same alternated rounds;
-  3. the load generator's concurrency sweep (1, 4, 16, 32), as `vllm bench serve` reports it.
+  3. what batch invariance costs: one client and 16 clients against a second service started with
+     --no-batch-invariant, in the same alternated rounds;
+  4. the load generator's concurrency sweep (1, 4, 16, 32), as `vllm bench serve` reports it.
 """
 
 from __future__ import annotations
@@ -65,21 +67,28 @@ def bench_preset(preset: str, args: argparse.Namespace) -> dict:
         ]  # fmt: skip
         if args.pack_weights:
             model = packing.pack(copy.deepcopy(model))
-        with running_service(Path(directory), flags) as url:
+        # A second service without batch invariance prices it; idle, its workers sleep (passive wait).
+        with (
+            running_service(Path(directory), flags) as url,
+            running_service(Path(directory), [*flags, "--no-batch-invariant"]) as plain_url,
+        ):
 
-            def run(concurrency: int, requests: int):
-                return asyncio.run(run_level(url, concurrency, requests, input_len, output_len))
+            def run(concurrency: int, requests: int, at: str = url):
+                return asyncio.run(run_level(at, concurrency, requests, input_len, output_len))
 
-            run(1, 2)  # warm-up: first requests pay lazy initialisation in every process
+            for warm in (url, plain_url):  # first requests pay lazy initialisation in every process
+                run(1, 2, warm)
             engine_decode_rate(model, prompt, 16, seed=0)
             # Alternated rounds, medians: a shared machine's noise then hits both sides of each ratio alike.
-            direct, http, single, sixteen = [], [], [], []
+            direct, http, single, sixteen, plain_single, plain_sixteen = [], [], [], [], [], []
             for round_ in range(ROUNDS):
                 direct.append(engine_decode_rate(model, prompt, output_len, seed=round_))
                 one_client, results = run(1, 2)
                 http.append(statistics.median(r.tokens_per_s for r in results))
                 single.append(one_client["output_tok_per_s"])
                 sixteen.append(run(16, 16)[0]["output_tok_per_s"])
+                plain_single.append(run(1, 2, plain_url)[0]["output_tok_per_s"])
+                plain_sixteen.append(run(16, 16, plain_url)[0]["output_tok_per_s"])
             sweep = [run(c, max(args.sweep_requests, c))[0] for c in SWEEP]
     overhead = {
         "engine_tok_per_s": statistics.median(direct),
@@ -91,7 +100,12 @@ def bench_preset(preset: str, args: argparse.Namespace) -> dict:
         "sixteen_clients_tok_per_s": statistics.median(sixteen),
     }
     batching["ratio"] = batching["sixteen_clients_tok_per_s"] / batching["one_client_tok_per_s"]
-    return {"overhead": overhead, "batching": batching, "sweep": sweep}
+    invariance = []
+    for clients, on, off in ((1, single, plain_single), (16, sixteen, plain_sixteen)):
+        on, off = statistics.median(on), statistics.median(off)
+        invariance.append({"clients": clients, "invariant_tok_per_s": on, "not_invariant_tok_per_s": off,
+                           "invariant_vs_not": on / off})  # fmt: skip
+    return {"overhead": overhead, "batching": batching, "invariance": invariance, "sweep": sweep}
 
 
 def main() -> None:
@@ -127,6 +141,7 @@ def main() -> None:
         results[preset] = bench_preset(preset, args)
         print_table(f"{preset}: one client's decode rate, HTTP against the engine", [results[preset]["overhead"]])
         print_table(f"{preset}: 16 streaming clients against one", [results[preset]["batching"]])
+        print_table(f"{preset}: batch invariance priced (against --no-batch-invariant)", results[preset]["invariance"])
         print_table(
             f"{preset}: concurrency sweep, {args.input_len} prompt / {args.output_len} output tokens",
             results[preset]["sweep"],

@@ -217,7 +217,26 @@ def serve_rows(serve: dict) -> list[dict]:
                 f"one client: {tokens(batching['one_client_tok_per_s'])}", ratio(batching["ratio"]),
                 f"≥ {AT_LEAST['sixteen_clients']:g}×", batching["ratio"] >= AT_LEAST["sixteen_clients"]),
         ]  # fmt: skip
+        rows += [
+            row(f"Batch invariance's price ({preset}, {r['clients']} client{'s' if r['clients'] > 1 else ''})",
+                f"invariant service: {tokens(r['invariant_tok_per_s'])}",
+                f"--no-batch-invariant: {tokens(r['not_invariant_tok_per_s'])}", ratio(r["invariant_vs_not"]),
+                "reported", None)
+            for r in result.get("invariance", [])
+        ]  # fmt: skip
     return rows
+
+
+def invariance_table(decode: dict, serve: dict) -> str:
+    """What batch invariance costs: each measurement with and without it, side by side in the same run."""
+    table = [{"where": f"decode, engine {r['dtype']} {r['weights']}, batch {r['batch']}",
+              "invariant tokens/s": r["invariant_tokens_per_s"], "without tokens/s": r["not_invariant_tokens_per_s"],
+              "invariant / without": r["invariant_vs_not"]} for r in decode.get("invariance", [])]  # fmt: skip
+    for preset, result in serve["presets"].items():
+        table += [{"where": f"serving {preset}, {r['clients']} streaming client(s)",
+                   "invariant tokens/s": r["invariant_tok_per_s"], "without tokens/s": r["not_invariant_tok_per_s"],
+                   "invariant / without": r["invariant_vs_not"]} for r in result.get("invariance", [])]  # fmt: skip
+    return markdown_table(table) if table else ""
 
 
 def gpu_rows(gpu: dict[str, dict]) -> list[dict]:
@@ -413,6 +432,17 @@ def section(
     ]
     for preset, result in serve["presets"].items():
         lines += [f"**{preset}**", "", sweep_table(result["sweep"]), ""]
+    if invariance_table(decode, serve):
+        lines += [
+            "### What batch invariance costs",
+            "",
+            "The engine with and without batch invariance (`Engine(batch_invariant=False)`, the service's "
+            "`--no-batch-invariant`: prompts prefilled padded together, one masked attention call per layer, "
+            "any row count), measured side by side in the same run:",
+            "",
+            invariance_table(decode, serve),
+            "",
+        ]
     lines += gpu_section(gpu, results_dir, readme)
     return "\n".join(lines).rstrip() + "\n"
 

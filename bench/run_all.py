@@ -3,12 +3,13 @@
     python -m bench.run_all [--full] [--only train decode serve]
 
 Each benchmark runs in its own process, one after the other, and measures its reference in the same
-run. The default lengths fit the 2-core machine in under 20 minutes: a 2-minute quality race per
-side instead of 10, 4 interleaved throughput rounds instead of 8, 8 requests per serving level
-(at least the concurrency) instead of 32. --full runs the full-length versions (about 45 minutes). suite.json records what each
-step ran, how long it took, the files it wrote and the load average around it, since a shared machine
-slows benchmarks down (a run with --only replaces its steps there and keeps the others); bench.plot and
-bench.report then read those files.
+run. The default lengths fit the 2-core machine in under 20 minutes: a 1-minute quality race per
+side instead of 10, 4 interleaved throughput rounds instead of 8, the serving benchmark on the gpt2
+shape only (the shape its goals are set for) with 4 requests per sweep level (at least the
+concurrency) instead of mini and gpt2 with 32. --full runs the full-length versions (about 45
+minutes). suite.json records what each step ran, how long it took, the files it wrote and the load
+average around it, since a shared machine slows benchmarks down (a run with --only replaces its
+steps there and keeps the others); bench.plot and bench.report then read those files.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ BENCH_PYTHON = Path(__file__).resolve().parents[1] / ".bench-venv" / "bin" / "py
 
 # name: (module and flags for the quick run, extra flags of the full-length run)
 STEPS = {
-    "train": (["bench.bench_train", "--minutes", "2", "--rounds", "4"], ["--minutes", "10", "--rounds", "8"]),
+    "train": (["bench.bench_train", "--minutes", "1", "--rounds", "4"], ["--minutes", "10", "--rounds", "8"]),
     "decode": (["bench.bench_decode"], []),
-    "serve": (["bench.bench_serve", "--sweep-requests", "8"], ["--sweep-requests", "32"]),
+    "serve": (["bench.bench_serve", "--presets", "gpt2", "--sweep-requests", "4"],
+              ["--presets", "mini", "gpt2", "--sweep-requests", "32"]),
 }
 
 

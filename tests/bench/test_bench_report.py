@@ -115,3 +115,13 @@ def test_the_engine_is_judged_against_the_fastest_peer_and_the_memory_bound(resu
     assert "| Python and dispatch (no op running) | 0.6 ms (7%) | 0.8 ms (5%) |" in body
     summary = json.loads((results / "summary.json").read_text())
     assert sum(row["benchmark"].startswith("Decode against the fastest peer") for row in summary["rows"]) == 6
+
+
+def test_what_batch_invariance_costs_is_reported_beside_the_plain_path(results, tmp_path):
+    body = section(write_report(results, tmp_path / "README.md"))
+    assert "### What batch invariance costs" in body
+    assert "| decode, engine fp32 packed, batch 8 | 416 | 430 | 0.967 |" in body
+    assert "| serving gpt2, 16 streaming client(s) | 450 | 500 | 0.9 |" in body
+    assert ("| Batch invariance's price (gpt2, 16 clients) | invariant service: 450 tokens/s "
+            "| --no-batch-invariant: 500 tokens/s | 0.90× | reported | — |") in body  # fmt: skip
+    assert "Batch invariance's price (mini" not in body  # a record from before it was measured
