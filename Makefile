@@ -27,7 +27,8 @@ test: install
 
 # The image built and the compose stack run end to end on a private Docker engine (tests/compose), with
 # stand-ins for the public base images made from Debian; needs root. Installs Debian's docker.io,
-# docker-compose and debootstrap when missing.
+# docker-compose and debootstrap when missing; runs the checks with docker-compose 1.29 and with Compose v2
+# (Debian trixie's plugin, fetched into ~/.cache/gpt-service).
 test-compose: install
 	@command -v dockerd >/dev/null && command -v docker-compose >/dev/null && command -v debootstrap >/dev/null || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io docker-compose debootstrap >/dev/null; }

@@ -2,7 +2,8 @@
 docker-compose.yml (api, trainer, prometheus; Grafana cannot be had offline) run on a private engine.
 
 `make test-compose` runs this file; its name keeps it out of `make test`. The checks run in order on one
-stack, as a user meets it: build, up, train and serve, watch, stop, resume, a one-off run, down.
+stack, as a user meets it: build, up, train and serve, watch, stop, resume, a one-off run, down; the
+whole sequence once with Debian's docker-compose 1.29 and once with Compose v2 (`docker compose`).
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ import httpx
 import pytest
 import yaml
 from composekit import (
+    COMPOSE_COMMANDS,
     Compose,
     TorchIndex,
     build_standins,
+    compose_v2_config,
     output_tail,
     private_engine,
     require_tools,
@@ -118,9 +121,13 @@ def interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+@pytest.fixture(scope="module", params=list(COMPOSE_COMMANDS))
+def stack(request, tmp_path_factory):
+    """The whole sequence runs once per Compose implementation (pytest groups a module's tests by this
+    fixture's parameter, in their order), each on an engine of its own."""
     require_tools()
+    command = COMPOSE_COMMANDS[request.param]
+    docker_config = {"DOCKER_CONFIG": str(compose_v2_config())} if request.param == "v2" else {}
     # A SIGTERM to pytest (a CI timeout) unwinds like Ctrl-C, so the engine is stopped and its folder removed.
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
@@ -135,8 +142,9 @@ def stack(tmp_path_factory):
                     "api": {"build": build, "environment": API_ENV},
                     "trainer": {"build": build, "environment": TRAINER_ENV},
                 }}))  # fmt: skip
-                env = {**engine.env, "API_PORT": str(api_port), "PROMETHEUS_PORT": str(prometheus_port)}
-                compose = Compose(engine, f"gptcompose{os.getpid()}", override, env)
+                ports = {"API_PORT": str(api_port), "PROMETHEUS_PORT": str(prometheus_port)}
+                env = {**engine.env, **docker_config, **ports}
+                compose = Compose(engine, f"gptcompose{os.getpid()}", override, env, command)
                 try:
                     yield Stack(compose, f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{prometheus_port}")
                 finally:
@@ -273,7 +281,7 @@ def test_stop_drains_a_running_stream_within_the_grace_period(stack):
     assert "error" not in last and last["finish_reason"] in ("length", "stop"), last
     state = stack.compose.container("api")["State"]
     assert state["ExitCode"] == 0 and not state["OOMKilled"], f"the API exited with {state['ExitCode']}"
-    assert stopped < 45, f"`docker-compose stop api` took {stopped:.0f} s: the grace period ran out"
+    assert stopped < 45, f"`{stack.compose.name} stop api` took {stopped:.0f} s: the grace period ran out"
     # The proof that it drained: the request's access-log line comes after LitServe began its shutdown.
     logs = stack.compose.logs("api", tail=200)
     lines = [line.split("| ", 1)[-1] for line in logs.splitlines()]
@@ -291,7 +299,7 @@ def test_the_trainer_writes_last_pt_on_sigterm_and_resumes_from_it(stack, tmp_pa
     stopped = time.monotonic() - began
     trainer = stack.compose.container("trainer")
     assert trainer["State"]["ExitCode"] == 0, f"the trainer exited with {trainer['State']['ExitCode']}"
-    assert stopped < 120, f"`docker-compose stop trainer` took {stopped:.0f} s: the grace period ran out"
+    assert stopped < 120, f"`{stack.compose.name} stop trainer` took {stopped:.0f} s: the grace period ran out"
     assert "SIGTERM received" in stack.compose.logs("trainer", tail=50), stack.compose.logs("trainer")
     stack.compose.engine.docker("cp", f"{trainer['Id']}:/checkpoints/last.pt", str(tmp_path / "last.pt"))
     step = read_checkpoint(tmp_path / "last.pt")["step"]

@@ -321,24 +321,72 @@ class TorchIndex:
 # docker-compose over the product's files.
 
 
+# Compose v2 (`docker compose`, the docker CLI's plugin) is not in bookworm, whose docker-compose is 1.29;
+# Debian trixie's docker-compose package is v2, one static binary. It is fetched once with apt from a private
+# sources list and unpacked into the cache, beside a docker CLI configuration that finds it, never installed.
+COMPOSE_V2_SUITE = "trixie"
+COMPOSE_V2_CONFIG = CACHE / "docker-config"
+
+
+def compose_v2_config() -> Path:
+    """A DOCKER_CONFIG folder whose cli-plugins hold Compose v2 from Debian trixie (fetched on first use)."""
+    plugin = COMPOSE_V2_CONFIG / "cli-plugins" / "docker-compose"
+    if plugin.exists():
+        return COMPOSE_V2_CONFIG
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        sources = work / "sources.list"
+        sources.write_text(f"deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] {MIRROR} "
+                           f"{COMPOSE_V2_SUITE} main\n")  # fmt: skip
+        (work / "lists" / "partial").mkdir(parents=True)
+        (work / "cache" / "archives" / "partial").mkdir(parents=True)
+        apt = ["apt-get", "-q", "-o", f"Dir::Etc::SourceList={sources}", "-o", "Dir::Etc::SourceParts=/dev/null",
+               "-o", f"Dir::State::Lists={work / 'lists'}", "-o", f"Dir::Cache={work / 'cache'}",
+               "-o", "APT::Sandbox::User=root"]  # fmt: skip
+        for step in (["update"], ["download", "docker-compose"]):
+            result = processes.run([*apt, *step], cwd=work, capture_output=True, text=True, timeout=600)
+            assert result.returncode == 0, (
+                f"fetching Compose v2 from Debian {COMPOSE_V2_SUITE}: apt-get {' '.join(step)} failed:\n"
+                f"{output_tail(result.stdout + result.stderr)}"
+            )
+        debs = list(work.glob("docker-compose_2*.deb"))
+        assert debs, f"Debian {COMPOSE_V2_SUITE}'s docker-compose is not 2.x: {[p.name for p in work.glob('*.deb')]}"
+        processes.run(["dpkg-deb", "-x", str(debs[0]), str(work / "root")], check=True)
+        plugin.parent.mkdir(parents=True, exist_ok=True)
+        partial = plugin.with_suffix(".part")
+        shutil.copy2(work / "root" / "usr" / "libexec" / "docker" / "cli-plugins" / "docker-compose", partial)
+        os.replace(partial, plugin)
+    return COMPOSE_V2_CONFIG
+
+
+# The two Compose implementations the README shows: argv prefix and the environment each needs.
+COMPOSE_COMMANDS = {"v1.29": ("docker-compose",), "v2": ("docker", "compose")}
+
+
 @dataclass
 class Compose:
-    """docker-compose -p PROJECT -f docker-compose.yml -f OVERRIDE, against the private engine."""
+    """`docker-compose` (or `docker compose`) -p PROJECT -f docker-compose.yml -f OVERRIDE, against the
+    private engine."""
 
     engine: Engine
     project: str
     override: Path
     env: dict
+    command: tuple[str, ...] = COMPOSE_COMMANDS["v1.29"]
+
+    @property
+    def name(self) -> str:
+        return " ".join(self.command)
 
     def run(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
         files = ["-f", str(COMPOSE_FILE), "-f", str(self.override)]
-        argv = ["docker-compose", "--ansi", "never", "-p", self.project, *files, *args]
+        argv = [*self.command, "--ansi", "never", "-p", self.project, *files, *args]
         return processes.run(argv, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout)
 
     def ok(self, *args: str, timeout: float = 900) -> str:
         result = self.run(*args, timeout=timeout)
         assert result.returncode == 0, (
-            f"`docker-compose {' '.join(args)}` failed with status {result.returncode}:\n"
+            f"`{self.name} {' '.join(args)}` failed with status {result.returncode}:\n"
             f"{output_tail(result.stdout + result.stderr, 60)}"
         )
         return result.stdout
