@@ -24,7 +24,9 @@ LitServe:
    `launch_single_inference_worker`, `_perform_graceful_shutdown(manager, uvicorn_workers, reason)`, and
    the Manager's `_process` (multiprocessing): to supervise the HTTP servers and the Manager beside
    LitServe's own monitor of the workers, to stop that monitor respawning workers during a shutdown, and to
-   stop every HTTP server at once.
+   stop every HTTP server at once. `LitServer._shutdown_event` (made by `_init_manager`), which the main
+   thread waits on after `_start_worker_monitoring`: waited in short slices (`SlicedWait`), so that a
+   signal another thread took is handled.
 6. `LitSpec.__getstate__`, which LitServe uses to pickle the spec into spawned workers: ours leaves the
    routes behind (workers serve none).
 
@@ -74,6 +76,7 @@ RELIED_ON = {
     "litserve.server.LitServer._prepare_app_run": "each HTTP server's app is prepared as LitServe does",
     "litserve.server.LitServer._register_internal_endpoints": "its 'litserve running' at / gives way to the page",
     "litserve.server.LitServer._start_worker_monitoring": "the HTTP servers and the Manager are supervised",
+    "litserve.server.LitServer._init_manager": "its _shutdown_event, the main thread's wait, is waited in slices",
     "litserve.server.LitServer._perform_graceful_shutdown": "every HTTP server is stopped at once",
     "litserve.server.LitServer.launch_single_inference_worker": "no worker is respawned during a shutdown",
     "litserve.server._Server.run": "an HTTP server is a uvicorn Server that sets LITSERVE_WORKER_ID",
@@ -478,6 +481,8 @@ class Server(ls.LitServer):
         return process
 
     def _start_worker_monitoring(self, manager, uvicorn_workers) -> None:
+        # The last call before LitServe's main thread waits on the shutdown event for good.
+        self._shutdown_event = SlicedWait(self._shutdown_event)
         super()._start_worker_monitoring(manager, uvicorn_workers)
         threading.Thread(
             target=self._supervise, args=(manager, uvicorn_workers), name="http-supervisor", daemon=True
@@ -521,6 +526,34 @@ class Server(ls.LitServer):
         if cut:
             log.error("stopped without a clean drain: HTTP server exit statuses %s", cut)
             self.exit_status = 1
+
+
+class SlicedWait:
+    """LitServe's shutdown event (a Manager proxy), its `wait` made of short waits.
+
+    Python runs signal handlers in the main thread only, between bytecodes. The kernel hands a signal for
+    the process to any thread that does not block it, and one taken by another thread (the supervisor's,
+    LitServe's monitor) left the main thread blocked in its read of the Manager's answer: a Ctrl-C or
+    SIGTERM then went unhandled until something else woke it, and the service neither drained nor exited.
+    """
+
+    SLICE = 0.25
+
+    def __init__(self, event):
+        self._event = event
+
+    def wait(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._event.wait(self.SLICE):
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+        return True
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def set(self) -> None:
+        self._event.set()
 
 
 def _exit_if_dead(manager) -> None:
