@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -117,6 +118,14 @@ def decode_runs(rows: list[int], positions: list[int]) -> list[tuple[int, int, i
     return runs
 
 
+class MaskedSpan(NamedTuple):
+    """Decode attention without batch invariance: neighbouring cache rows from `first_row`, each attending
+    to the positions its row of `mask` (B, 1, 1, span) allows."""
+
+    first_row: int
+    mask: torch.Tensor
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -154,10 +163,10 @@ class CausalSelfAttention(nn.Module):
         cache.k[layer, rows, :, pos] = k[:B, :, 0]
         cache.v[layer, rows, :, pos] = v[:B, :, 0]
         keys, values = cache.k[layer], cache.v[layer]
-        if isinstance(attend, torch.Tensor):  # not batch-invariant: one call, each row masked to its prefix
-            span = attend.shape[-1]
-            keys, values = keys[rows, :, :span], values[rows, :, :span]
-            parts = [F.scaled_dot_product_attention(q[:B], keys, values, attn_mask=attend)]
+        if isinstance(attend, MaskedSpan):  # not batch-invariant: one call, each row masked to its prefix
+            first, span = attend.first_row, attend.mask.shape[-1]
+            keys, values = keys[first : first + B, :, :span], values[first : first + B, :, :span]
+            parts = [F.scaled_dot_product_attention(q[:B], keys, values, attn_mask=attend.mask)]
         else:
             # One attention per run of neighbouring cache rows at the same position, over exactly that
             # prefix: a masked span as long as the longest row would change the kernel's reduction
@@ -297,7 +306,10 @@ class GPT(nn.Module):
         if batch_invariant:
             attend = decode_runs(rows, positions)
         else:
-            attend = (torch.arange(max(positions) + 1, device=idx.device) <= pos[:, None])[:, None, None, :]
+            if rows != list(range(rows[0], rows[0] + len(rows))):
+                raise ValueError("decoding without batch invariance needs neighbouring cache rows")
+            mask = torch.arange(max(positions) + 1, device=idx.device) <= pos[:, None]
+            attend = MaskedSpan(rows[0], mask[:, None, None, :])
         padded = torch.cat([pos, pos.new_zeros(len(idx) - len(rows))])
         x = self._embed(idx[:, None], padded[:, None])
         for layer, block in enumerate(self.transformer.h):
