@@ -22,6 +22,7 @@ import argparse
 import copy
 import json
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,6 +47,7 @@ ENGINE_VARIANTS = [("fp32", "plain"), ("fp32", "packed"), ("bf16", "plain"), ("b
 WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "int8": 1, "int4": 0.5}
 # The layouts whose batch invariance is priced: each is timed again right after, without it.
 INVARIANCE_PRICED = [("fp32", "plain"), ("fp32", "packed"), ("bf16", "packed")]
+INVARIANCE_ROUNDS, INVARIANCE_TOKENS = 3, 64
 SHARPEN = 8.0  # as tests/modelkit.py's sharpen
 AGREEMENT_TOKENS = 32
 
@@ -193,16 +195,21 @@ def measure(rows: list[dict], impl: str, dtype: str, weights: str, generate, pro
         print_table(f"{impl} {dtype} {weights} batch {batch}", rows[-1:])
 
 
-def price_invariance(model: GPT, dtype: str, weights: str, prompt: list[int], args, rows: list[dict]) -> list[dict]:
-    """The engine without batch invariance (prompts prefilled padded together, one masked attention
-    call, any row count) at each batch size, beside the invariant rate just measured in `rows`."""
+def price_invariance(model: GPT, dtype: str, weights: str, prompt: list[int], batches: list[int]) -> list[dict]:
+    """The engine with and without batch invariance (without: prompts prefilled padded together, one
+    masked attention call, any row count), INVARIANCE_ROUNDS alternated rounds of INVARIANCE_TOKENS
+    tokens at each batch size, medians: the difference is small next to a shared machine's noise."""
     priced = []
-    for batch in args.batches:
-        invariant = next(r["tokens_per_s"] for r in reversed(rows) if r["weights"] == weights
-                         and r["dtype"] == dtype and r["batch"] == batch)  # fmt: skip
-        plain, _ = timed(engine_generate(model, batch_invariant=False), prompt, batch, args.new_tokens)
-        priced.append({"dtype": dtype, "weights": weights, "batch": batch, "invariant_tokens_per_s": invariant,
-                       "not_invariant_tokens_per_s": plain, "invariant_vs_not": invariant / plain})  # fmt: skip
+    for batch in batches:
+        rates = {True: [], False: []}
+        for _ in range(INVARIANCE_ROUNDS):
+            for invariant in rates:
+                generate = engine_generate(model, batch_invariant=invariant)
+                rates[invariant].append(timed(generate, prompt, batch, INVARIANCE_TOKENS)[0])
+        on, off = statistics.median(rates[True]), statistics.median(rates[False])
+        priced.append({"dtype": dtype, "weights": weights, "batch": batch, "new_tokens": INVARIANCE_TOKENS,
+                       "invariant_tokens_per_s": on, "not_invariant_tokens_per_s": off,
+                       "invariant_vs_not": on / off})  # fmt: skip
         print_table(f"engine {dtype} {weights} batch {batch}: batch invariance priced", priced[-1:])
     return priced
 
@@ -287,7 +294,7 @@ def main() -> None:
         batches = args.batches + (args.engine_batches if weights == "packed" else [])
         measure(rows, "engine", dtype, weights, engine_generate(variant), prompt, batches, args.new_tokens, references)
         if (dtype, weights) in INVARIANCE_PRICED:
-            invariance += price_invariance(variant, dtype, weights, prompt, args, rows)
+            invariance += price_invariance(variant, dtype, weights, prompt, args.batches)
         del variant
     with tempfile.TemporaryDirectory() as directory:
         model.save_pretrained(directory)

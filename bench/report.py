@@ -438,7 +438,8 @@ def section(
             "",
             "The engine with and without batch invariance (`Engine(batch_invariant=False)`, the service's "
             "`--no-batch-invariant`: prompts prefilled padded together, one masked attention call per layer, "
-            "any row count), measured side by side in the same run:",
+            "any row count), side by side in the same run: decode as above but 64 new tokens, serving as in "
+            "the sweep; each the median of three alternated rounds.",
             "",
             invariance_table(decode, serve),
             "",
