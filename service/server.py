@@ -61,7 +61,7 @@ def serve(server: bridge.Server, settings: ServiceSettings) -> int:
     # HTTP servers and LitServe's manager are forked from here: they must not outlive this process, nor
     # inherit the SIGTERM handler meant for it.
     os.register_at_fork(after_in_child=lambda: signals.forked_child(main_pid))
-    signals.interrupt_on_sigterm()
+    signals.interrupt_on_sigint_and_sigterm()
     # A connection is a file descriptor: take as many as the system allows, not the shell's default.
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

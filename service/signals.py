@@ -35,10 +35,13 @@ def ignore_interrupts() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def interrupt_on_sigterm() -> None:
-    """Make SIGTERM take LitServe's Ctrl-C path, its only graceful shutdown."""
+def interrupt_on_sigint_and_sigterm() -> None:
+    """Make SIGTERM take LitServe's Ctrl-C path, its only graceful shutdown; and Ctrl-C take it too in a
+    process started with SIGINT ignored (a script's background job): Python then leaves SIGINT ignored,
+    while the HTTP servers (uvicorn handles SIGINT itself) drained and exited, and were started again."""
 
     def handler(signum, frame):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)

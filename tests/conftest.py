@@ -21,8 +21,10 @@ def launching(tmp_path_factory):
     SIGTERM to each at once (a service drains in about a second), SIGKILL to any still running a minute on."""
     started: list[Service] = []
 
-    def launch(checkpoint_dir: Path, *args: str, env: dict | None = None, api_key: str | None = None) -> Service:
-        service = start_service(tmp_path_factory.mktemp("service"), checkpoint_dir, *args, env=env, api_key=api_key)
+    def launch(checkpoint_dir: Path, *args: str, env: dict | None = None, api_key: str | None = None,
+               preexec_fn=None) -> Service:  # fmt: skip
+        directory = tmp_path_factory.mktemp("service")
+        service = start_service(directory, checkpoint_dir, *args, env=env, api_key=api_key, preexec_fn=preexec_fn)
         started.append(service)
         return service
 

@@ -166,7 +166,8 @@ class Service:
 
 
 def start_service(
-    tmp_path: Path, checkpoint_dir: Path, *args: str, env: dict | None = None, api_key: str | None = None
+    tmp_path: Path, checkpoint_dir: Path, *args: str, env: dict | None = None, api_key: str | None = None,
+    preexec_fn=None,
 ) -> Service:
     port = free_port()
     log_path = tmp_path / f"service-{port}.log"
@@ -192,7 +193,7 @@ def start_service(
     ]
     with open(log_path, "w") as log:
         # A session of its own, as under a terminal or a supervisor: Ctrl-C can be sent to its whole group.
-        process = spawn(command, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env=environment)
+        process = spawn(command, preexec_fn, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env=environment)
     service = Service(
         f"http://127.0.0.1:{port}",
         process,

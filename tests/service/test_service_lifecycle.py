@@ -7,6 +7,7 @@ directory; the last test of the file stops it with Ctrl-C. SIGTERM gets a servic
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 import signal
@@ -31,7 +32,10 @@ def hf_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def service(launch_for_module, tmp_path_factory, hf_dir):
-    return launch_for_module(tmp_path_factory.mktemp("checkpoints"), "--init", str(hf_dir))
+    # Started with SIGINT ignored, as a script's background job is (`service serve &`): the Ctrl-C test
+    # below must drain it all the same, as it drains its HTTP servers (uvicorn handles SIGINT itself).
+    ignore_sigint = functools.partial(signal.signal, signal.SIGINT, signal.SIG_IGN)
+    return launch_for_module(tmp_path_factory.mktemp("checkpoints"), "--init", str(hf_dir), preexec_fn=ignore_sigint)
 
 
 def worker_pid(service) -> int:
