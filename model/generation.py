@@ -38,15 +38,16 @@ FINISH_LENGTH = "length"
 # MKL's plain fp32 product has three regimes, one row, a few (up to 2 to 15, by width) and more.
 ROW_RANGE = (2, 32)
 PLAIN_FP32_ROW_RANGE = (16, 64)
+ANY_ROW_COUNT = (1, 1 << 30)
 
 
 def row_range(model: nn.Module) -> tuple[int, int]:
     """The decode row counts whose per-row results `model`'s linear layers keep (see ROW_RANGE);
     on a GPU, whose kernels make no such promise, any count."""
     if next(itertools.chain(model.parameters(), model.buffers())).device.type != "cpu":
-        return 1, 1 << 30
+        return ANY_ROW_COUNT
     if any(isinstance(m, Int8Linear) for m in model.modules()):
-        return 1, 1 << 30  # integer products are exact, whatever the kernel
+        return ANY_ROW_COUNT  # integer products are exact, whatever the kernel
     plain_fp32 = any(isinstance(m, nn.Linear) and m.weight.dtype == torch.float32 for m in model.modules())
     return PLAIN_FP32_ROW_RANGE if plain_fp32 else ROW_RANGE
 
@@ -188,7 +189,7 @@ class Engine:
         # reproducibility): prompts that arrive together are prefilled padded in one pass, decode
         # attention is one masked call, and the matrix products see whatever row count the batch has.
         self.batch_invariant = batch_invariant
-        self.row_range = row_range(model) if batch_invariant else (1, 1 << 30)
+        self.row_range = row_range(model) if batch_invariant else ANY_ROW_COUNT
         self.batch = Batch(self.device)
         self.waiting: deque[Sequence] = deque()
         self._auto_ids = itertools.count()

@@ -542,11 +542,9 @@ class SlicedWait:
     def __init__(self, event):
         self._event = event
 
-    def wait(self, timeout: float | None = None) -> bool:
-        deadline = None if timeout is None else time.monotonic() + timeout
+    def wait(self) -> bool:  # LitServe waits without a timeout
         while not self._event.wait(self.SLICE):
-            if deadline is not None and time.monotonic() >= deadline:
-                return False
+            pass
         return True
 
     def is_set(self) -> bool:

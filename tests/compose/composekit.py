@@ -359,7 +359,7 @@ def compose_v2_config() -> Path:
     return COMPOSE_V2_CONFIG
 
 
-# The two Compose implementations the README shows: argv prefix and the environment each needs.
+# The two Compose implementations the README shows, by the argv that runs each.
 COMPOSE_COMMANDS = {"v1.29": ("docker-compose",), "v2": ("docker", "compose")}
 
 
