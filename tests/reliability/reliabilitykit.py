@@ -57,7 +57,8 @@ def _describe(test: str, f: dict) -> str:
         fds = ", ".join(f"{p['role']} {p['fds'][0]}→{p['fds'][1]}" for p in processes)
         per_stream = f["tokens_generated_for_nobody"] / max(f["abandoned_streams_cancelled"], 1)
         return (
-            f"{f['requests']} requests at concurrency {f['concurrency']} (seed {f['seed']}): {_counts(f['outcomes'])}; "
+            f"{f['requests']} requests at concurrency {f['concurrency']} (seed {f['seed']}) after "
+            f"{len(f['warmup_rss_mib_by_round']) - 1} warm-up rounds: {_counts(f['outcomes'])}; "
             f"{f['unexpected_errors']} unexpected errors; resident memory after warm-up {min(drifts):+.1f}% to "
             f"{max(drifts):+.1f}% over {len(drifts)} processes; threads (before→after) {threads}; open files {fds}; "
             f"{f['abandoned_streams_cancelled']} abandoned streams cancelled, "
