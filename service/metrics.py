@@ -186,7 +186,7 @@ class _LiveCollector(Collector):
             "gpt_metrics_storage_failures",
             "Service processes that could not write their metrics files (a full disk under --metrics-dir); "
             "their figures are missing from this page.",
-            value=self.board.metrics_failures.value,
+            value=self.board.metrics_failures.get_obj().value,
         )
 
 

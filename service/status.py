@@ -2,9 +2,14 @@
 
 Made in the main process before LitServe starts anything: forked HTTP servers inherit it and spawned
 inference workers receive it pickled with the LitAPI, which multiprocessing allows for shared memory
-only while spawning (hence the spawn context). Each worker writes only its own slot; readers take
-the lock so a slot is never seen half-written. The HTTP processes read it to answer /health, to
+only while spawning (hence the spawn context). The HTTP processes read it to answer /health, to
 notice a dead or stalled worker, and to label the per-process metrics.
+
+No process ever waits on another here: a lock shared between processes stays taken forever when its
+holder is killed inside it (a worker SIGKILLed mid-step hung /health and its own replacement). Each
+worker writes only its own slot, kept twice: a write fills the copy readers are not using and then
+flips `current` to it, so a writer that dies or is stopped half-way leaves the published copy whole;
+a reader copies the published one and tries again if `current` moved meanwhile.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import ctypes
 import math
 import multiprocessing as mp
 import os
+import threading
 import time
 from dataclasses import dataclass
 from enum import IntEnum
@@ -44,6 +50,32 @@ class _Slot(ctypes.Structure):
     ]
 
 
+class _Published(ctypes.Structure):
+    _fields_ = [("current", ctypes.c_uint64), ("copies", _Slot * 2)]
+
+
+# A worker's asyncio thread and its scheduler thread both write its slot.
+_WRITING = threading.Lock()
+
+
+def _read(published: _Published) -> _Slot:
+    while True:
+        current = published.current
+        slot = _Slot.from_buffer_copy(published.copies[current % 2])
+        if published.current == current:
+            return slot
+
+
+def _write(published: _Published, **fields) -> None:
+    with _WRITING:
+        current = published.current
+        slot = _Slot.from_buffer_copy(published.copies[current % 2])
+        for name, value in fields.items():
+            setattr(slot, name, value)
+        published.copies[(current + 1) % 2] = slot
+        published.current = current + 1
+
+
 @dataclass(frozen=True)
 class WorkerView:
     worker_id: int
@@ -69,9 +101,11 @@ class StatusBoard:
     def __init__(self, workers: int, api_servers: int):
         ctx = mp.get_context("spawn")
         self.main_pid = os.getpid()
-        self._workers = ctx.Array(_Slot, workers)
-        self._api_pids = ctx.Array(ctypes.c_int, api_servers)
-        # Processes whose metrics files could not be written (a full disk under --metrics-dir).
+        self._workers = ctx.Array(_Published, workers, lock=False)
+        # Each HTTP server writes its own entry, one aligned int.
+        self._api_pids = ctx.Array(ctypes.c_int, api_servers, lock=False)
+        # Processes whose metrics files could not be written (a full disk under --metrics-dir). Its lock is
+        # taken only by a process counting itself, once; readers read the int alone.
         self.metrics_failures = ctx.Value(ctypes.c_int, 0)
 
     @property
@@ -82,28 +116,26 @@ class StatusBoard:
 
     def claim(self, worker_id: int) -> int:
         """Take a worker's slot for this process; return the pid of its previous holder (0 if none)."""
-        with self._workers.get_lock():
-            slot = self._workers[worker_id]
-            previous = slot.pid
-            slot.pid, slot.status, slot.has_step, slot.busy = os.getpid(), Status.STARTING, False, False
+        previous = _read(self._workers[worker_id]).pid
+        _write(self._workers[worker_id], pid=os.getpid(), status=Status.STARTING, has_step=False, busy=False)
         return previous
 
     def post(self, worker_id: int, model: ModelInfo | None, dtype: str = "") -> None:
-        with self._workers.get_lock():
-            slot = self._workers[worker_id]
-            slot.status = Status.READY if model else Status.WAITING
-            slot.has_step = model is not None and model.step is not None
-            slot.step = model.step if slot.has_step else 0
-            slot.val_loss = math.nan if model is None or model.val_loss is None else model.val_loss
-            slot.loaded_at = time.time() if model else math.nan
-            slot.checkpoint = (model.checkpoint if model else "").encode()[:63]
-            slot.dtype = dtype.encode()[:7]
+        has_step = model is not None and model.step is not None
+        _write(
+            self._workers[worker_id],
+            status=Status.READY if model else Status.WAITING,
+            has_step=has_step,
+            step=model.step if has_step else 0,
+            val_loss=math.nan if model is None or model.val_loss is None else model.val_loss,
+            loaded_at=time.time() if model else math.nan,
+            checkpoint=(model.checkpoint if model else "").encode()[:63],
+            dtype=dtype.encode()[:7],
+        )
 
     def progress(self, worker_id: int, busy: bool) -> None:
         """The worker's scheduler advanced its requests (or has none left)."""
-        with self._workers.get_lock():
-            slot = self._workers[worker_id]
-            slot.busy, slot.progress_at = busy, time.monotonic()
+        _write(self._workers[worker_id], busy=busy, progress_at=time.monotonic())
 
     # Written by HTTP server `server_id`.
 
@@ -115,28 +147,21 @@ class StatusBoard:
     # Read by anyone.
 
     def workers(self) -> list[WorkerView]:
-        with self._workers.get_lock():
-            slots = [
-                (s.pid, s.status, s.has_step, s.step, s.val_loss, s.loaded_at, s.checkpoint, s.dtype, s.busy,
-                 s.progress_at)
-                for s in self._workers
-            ]  # fmt: skip
         now = time.monotonic()
         return [
             WorkerView(
                 worker_id,
-                pid,
-                Status(status) if alive(pid) else Status.STARTING,
-                step if has_step else None,
-                None if math.isnan(val_loss) else val_loss,
-                None if math.isnan(loaded_at) or not loaded_at else loaded_at,
-                checkpoint.decode(errors="replace"),
-                dtype.decode(errors="replace"),
-                now - progress_at if busy else 0.0,
+                slot.pid,
+                Status(slot.status) if alive(slot.pid) else Status.STARTING,
+                slot.step if slot.has_step else None,
+                None if math.isnan(slot.val_loss) else slot.val_loss,
+                None if math.isnan(slot.loaded_at) or not slot.loaded_at else slot.loaded_at,
+                slot.checkpoint.decode(errors="replace"),
+                slot.dtype.decode(errors="replace"),
+                now - slot.progress_at if slot.busy else 0.0,
             )
-            for worker_id, (pid, status, has_step, step, val_loss, loaded_at, checkpoint, dtype, busy, progress_at)
-            in enumerate(slots)
-        ]  # fmt: skip
+            for worker_id, slot in enumerate(_read(published) for published in self._workers)
+        ]
 
     def worker(self, worker_id: int) -> WorkerView:
         return self.workers()[worker_id]
