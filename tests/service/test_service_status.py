@@ -5,12 +5,15 @@ half-written slot. (With a lock shared between processes, a worker SIGKILLed whi
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import os
 import random
 import signal
 import threading
+from multiprocessing import resource_tracker
 
+import pytest
 from servicekit import wait_for
 
 from service.messages import ModelInfo
@@ -20,6 +23,15 @@ from service.status import Status, StatusBoard
 STOPS = 200
 KILLS = 3
 READ_WITHIN = 30.0  # seconds: a read takes microseconds; one that waits this long waits on the writer
+
+
+@pytest.fixture(autouse=True)
+def stop_the_resource_tracker():
+    """The board's spawn context starts multiprocessing's resource tracker under pytest, where it would
+    live until pytest exits: stopped here, with the board gone, like every process a test starts."""
+    yield
+    gc.collect()
+    resource_tracker._resource_tracker._stop()
 
 
 def write_forever(board: StatusBoard, parent_pid: int) -> None:
