@@ -32,6 +32,7 @@ RSS_DRIFT = 0.10
 # round adds under SETTLED to every process, and a heap still climbing after MAX_WARMUP_ROUNDS is a leak.
 SETTLED = 0.02
 MAX_WARMUP_ROUNDS = 12
+WARMUP_ROUND = 3 * SCALE.soak_concurrency  # requests
 # Threads (and the connections they open) that pools grown on demand may still add after the warm-up:
 # asyncio's default executor in a worker grows to min(32, cores + 4) threads, each with its own
 # connection to LitServe's manager process. A leak adds one per request or per disconnect instead.
@@ -72,7 +73,7 @@ def test_soak_fails_nothing_leaks_nothing_and_stops_abandoned_generations(reliab
     results, rss_by_round = [], [resident_mib(reliable.metrics().processes())]
     while len(rss_by_round) < 2 or climbing(*rss_by_round[-2:]):
         assert len(rss_by_round) <= MAX_WARMUP_ROUNDS, f"resident memory still climbing, MiB by round: {rss_by_round}"
-        warmup = soak_clients.plans(3 * SCALE.soak_concurrency, rng)
+        warmup = soak_clients.plans(WARMUP_ROUND, rng)
         results.append(soak_clients.run(reliable.url, reliable.headers, warmup, SCALE.soak_concurrency))
         wait_idle(reliable)
         baseline = reliable.metrics().processes()
@@ -126,7 +127,7 @@ def test_soak_fails_nothing_leaks_nothing_and_stops_abandoned_generations(reliab
     )
 
     assert errors == [], errors[:10]
-    assert sum(outcomes.values()) == len(work) + 3 * SCALE.soak_concurrency * (len(rss_by_round) - 1)
+    assert sum(outcomes.values()) == len(work) + WARMUP_ROUND * (len(rss_by_round) - 1)
     # No process died or was replaced, and none grew.
     assert end.keys() == baseline.keys()
     assert max(drift.values()) <= RSS_DRIFT, figures["processes"]

@@ -53,16 +53,16 @@ def read(board: StatusBoard):
     thread.join(READ_WITHIN)
     assert views, f"reading the board waited {READ_WITHIN:g} s on a stopped or killed writer"
     view = views[0]
-    if view.pid:
-        assert view.step is not None and view.val_loss == float(view.step) and view.checkpoint == f"step-{view.step}"
-        assert view.dtype == "bf16"
+    # Between a writer's claim and its first post the slot has no step yet; every posted one is whole.
+    if view.step is not None:
+        assert view.val_loss == float(view.step) and view.checkpoint == f"step-{view.step}" and view.dtype == "bf16"
     return view
 
 
 def start_writer(board: StatusBoard) -> mp.Process:
     writer = mp.get_context("spawn").Process(target=write_forever, args=(board, os.getpid()), daemon=True)
     writer.start()
-    wait_for(lambda: read(board).pid == writer.pid and read(board).step, 60, message="the writer to take its slot")
+    wait_for(lambda: (view := read(board)).pid == writer.pid and view.step, 60, message="the writer to post")
     return writer
 
 
