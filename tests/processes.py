@@ -1,8 +1,8 @@
 """Every process the tests start, tied to the test run so that none outlives it.
 
-`spawn` and `run` start a child in a session of its own (a test can signal its whole group) that the
-kernel kills when the pytest process dies, however it dies: a pytest-timeout, Ctrl-C or a crash cannot
-leave a trainer or a service running for hours. Its hook, which tests/conftest.py
+`spawn`, `run` and `spawn_function` start a child in a session of its own (a test can signal its whole
+group) that the kernel kills when the pytest process dies, however it dies: a pytest-timeout, Ctrl-C or a
+crash cannot leave a trainer or a service running for hours. Its hook, which tests/conftest.py
 imports, also fails the session if any process started here, or anything else below pytest, is still alive
 at its end.
 
@@ -13,10 +13,13 @@ test's own thread, not from a worker thread that ends before them.
 from __future__ import annotations
 
 import functools
+import gc
+import multiprocessing as mp
 import os
 import signal
 import subprocess
 from collections.abc import Callable
+from multiprocessing import resource_tracker
 
 import psutil
 import pytest
@@ -47,6 +50,18 @@ def run(
     """`subprocess.run(argv, **popen)` for a child that must finish within `timeout` seconds."""
     tie = functools.partial(_detach_and_die_with, os.getpid(), preexec_fn)
     return subprocess.run(argv, preexec_fn=tie, timeout=timeout, **popen)
+
+
+def spawn_function(target: Callable[..., None], *args) -> mp.Process:
+    """`target(*args)` in a Python process started by multiprocessing's spawn, for arguments only it can
+    pass (shared memory made by a spawn context), killed with the test run like `spawn`'s children."""
+    process = mp.get_context("spawn").Process(target=_tied, args=(os.getpid(), target, *args), daemon=True)
+    process.start()
+    return process
+
+
+def _tied(parent_pid: int, target: Callable[..., None], *args) -> None:
+    _detach_and_die_with(parent_pid, functools.partial(target, *args))
 
 
 def stop(*children: subprocess.Popen, timeout: float = 60.0) -> None:
@@ -80,6 +95,14 @@ def cpu_seconds(processes: list[psutil.Process]) -> float:
     return total
 
 
+def _stop_resource_tracker() -> None:
+    """multiprocessing's resource tracker, which its spawn context starts in pytest, lives until pytest
+    exits: it is stopped like every process a test starts, once what it tracks is gone. `_stop` is
+    private CPython: a Python without it fails every session here, by name."""
+    gc.collect()
+    resource_tracker._resource_tracker._stop()
+
+
 def survivors() -> list[str]:
     """Kill and describe every process below this one that is still alive (zombies are reaped)."""
     for process in _started:
@@ -106,6 +129,7 @@ def _running(process: psutil.Process) -> bool:
 # sessionfinish, and they must stop what they started (dockerd its containers) before anything is killed.
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session, exitstatus):
+    _stop_resource_tracker()
     leaked = survivors()
     if leaked:
         session.config.get_terminal_writer().line(

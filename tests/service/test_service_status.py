@@ -5,19 +5,16 @@ half-written slot. (With a lock shared between processes, a worker SIGKILLed whi
 
 from __future__ import annotations
 
-import gc
 import multiprocessing as mp
 import os
 import random
 import signal
 import threading
-from multiprocessing import resource_tracker
 
-import pytest
+from processes import spawn_function
 from servicekit import wait_for
 
 from service.messages import ModelInfo
-from service.signals import die_with_parent
 from service.status import Status, StatusBoard
 
 STOPS = 200
@@ -25,18 +22,8 @@ KILLS = 3
 READ_WITHIN = 30.0  # seconds: a read takes microseconds; one that waits this long waits on the writer
 
 
-@pytest.fixture(autouse=True)
-def stop_the_resource_tracker():
-    """The board's spawn context starts multiprocessing's resource tracker under pytest, where it would
-    live until pytest exits: stopped here, with the board gone, like every process a test starts."""
-    yield
-    gc.collect()
-    resource_tracker._resource_tracker._stop()
-
-
-def write_forever(board: StatusBoard, parent_pid: int) -> None:
+def write_forever(board: StatusBoard) -> None:
     """A worker's writes, as fast as they go: every slot it posts is whole only if step, loss and name agree."""
-    die_with_parent(parent_pid)
     board.claim(0)
     step = 0
     while True:
@@ -60,8 +47,7 @@ def read(board: StatusBoard):
 
 
 def start_writer(board: StatusBoard) -> mp.Process:
-    writer = mp.get_context("spawn").Process(target=write_forever, args=(board, os.getpid()), daemon=True)
-    writer.start()
+    writer = spawn_function(write_forever, board)
     wait_for(lambda: (view := read(board)).pid == writer.pid and view.step, 60, message="the writer to post")
     return writer
 
