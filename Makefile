@@ -13,6 +13,11 @@ endif
 
 .PHONY: install test test-compose up bench bench-env soak
 
+# System programs the tests run for real (tests/system_packages.py installs them as root on Debian or
+# Ubuntu, and otherwise stops at once with the command that does): program=Debian package.
+TEST_PROGRAMS := promtool=prometheus prometheus=prometheus docker-compose=docker-compose chromium=chromium
+COMPOSE_PROGRAMS := dockerd=docker.io docker-compose=docker-compose debootstrap=debootstrap
+
 install: $(STAMP)
 
 # Reinstall only when the project's metadata changes, so `make install` is cheap to repeat.
@@ -22,16 +27,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-test: install
+# The programs are checked first, so that a machine without them stops in seconds, not test by test.
+test:
+	@$(PYTHON) tests/system_packages.py $(TEST_PROGRAMS)
+	@$(MAKE) --no-print-directory install
 	$(BIN)/python -m pytest
 
 # The image built and the compose stack run end to end on a private Docker engine (tests/compose), with
 # stand-ins for the public base images made from Debian; needs root. Installs Debian's docker.io,
 # docker-compose and debootstrap when missing; runs the checks with docker-compose 1.29 and with Compose v2
 # (Debian trixie's plugin, fetched into ~/.cache/gpt-service).
-test-compose: install
-	@command -v dockerd >/dev/null && command -v docker-compose >/dev/null && command -v debootstrap >/dev/null || \
-		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io docker-compose debootstrap >/dev/null; }
+test-compose:
+	@$(PYTHON) tests/system_packages.py $(COMPOSE_PROGRAMS)
+	@$(MAKE) --no-print-directory install
 	$(BIN)/python -m pytest tests/compose/check_compose_stack.py -x --timeout 1800
 
 # Every benchmark against its reference, then the plots and the README's section: under 20 minutes
