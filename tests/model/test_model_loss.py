@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from model import GPT, GPTConfig
 from model.loss import linear_cross_entropy
+from tolerance import cross_entropy_bounds
 
 N, C, V = 300, 16, 1000
 
@@ -33,16 +34,10 @@ def test_loss_and_gradients_match_the_materialised_logits(bf16, rows_per_block):
     fused = lambda x, w, t: linear_cross_entropy(x, w, t, chunk_bytes=rows_per_block * V * (2 if bf16 else 4))
     exact = loss_and_grads(lambda x, w, t: reference(x, w, t, False), x, weight, targets, False)
     got = loss_and_grads(fused, x, weight, targets, bf16)
-    if bf16:
-        # Both sides round the products to bf16, at different points: ours may stray from the exact
-        # values about as far as autocast's own path does, not further.
-        autocast = loss_and_grads(lambda x, w, t: reference(x, w, t, True), x, weight, targets, True)
-        tolerances = [2 * (a - e).abs().max() for a, e in zip(autocast, exact)]
-    else:
-        tolerances = [1e-6 * e.abs().max() for e in exact]
-    for ours, truth, tolerance in zip(got, exact, tolerances):
+    scales = (1.0, 0.5, 0.5)  # the gradients are of half the loss
+    for ours, truth, bound, scale in zip(got, exact, cross_entropy_bounds(x, weight, targets, bf16), scales):
         assert ours.dtype == truth.dtype == torch.float32
-        assert (ours - truth).abs().max() <= tolerance
+        assert (ours - truth).abs().max() <= scale * bound
 
 
 def test_without_gradients_only_the_loss_is_computed():
@@ -52,7 +47,8 @@ def test_without_gradients_only_the_loss_is_computed():
     with torch.no_grad():
         loss = linear_cross_entropy(x, weight, targets, chunk_bytes=7 * V * 4)
     assert loss.grad_fn is None
-    assert loss.item() == pytest.approx(reference(x, weight.detach(), targets, False).item(), rel=1e-6)
+    expected = reference(x, weight.detach(), targets, False)
+    assert abs(loss.item() - expected.item()) <= cross_entropy_bounds(x, weight.detach(), targets)[0]
 
 
 def test_a_loss_beyond_float32_probabilities_is_still_exact():
@@ -61,7 +57,8 @@ def test_a_loss_beyond_float32_probabilities_is_still_exact():
     targets = torch.randint(0, V, (4,))
     expected = reference(x, weight, targets, False)
     assert expected.item() > 1000
-    assert linear_cross_entropy(x, weight, targets).item() == pytest.approx(expected.item(), rel=1e-6)
+    loss = linear_cross_entropy(x, weight, targets)
+    assert abs(loss.item() - expected.item()) <= cross_entropy_bounds(x, weight, targets)[0]
 
 
 def test_gpt_trains_the_same_through_the_blocked_loss():
@@ -70,6 +67,8 @@ def test_gpt_trains_the_same_through_the_blocked_loss():
     model = GPT(config)
     idx = torch.randint(0, config.vocab_size, (2, 24))
     targets = torch.randint(0, config.vocab_size, (2, 24))
+    hidden = []
+    model.transformer.ln_f.register_forward_hook(lambda module, args, out: hidden.append(out) or out.retain_grad())
     _, loss = model(idx, targets)
     loss.backward()
     blocked = {name: p.grad.clone() for name, p in model.named_parameters()}
@@ -77,9 +76,16 @@ def test_gpt_trains_the_same_through_the_blocked_loss():
     logits, _ = model(idx)
     expected = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
     expected.backward()
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    h, weight = hidden[1].detach().flatten(0, 1), model.lm_head.weight.detach()[: config.vocab_size]
+    loss_bound, hidden_bound, weight_bound = cross_entropy_bounds(h, weight, targets.flatten())
+    assert abs(loss.item() - expected.item()) <= loss_bound
+    # Below the head both runs do the same operations on the hidden states' gradients, which differ
+    # within hidden_bound: to first order that relative error reaches every parameter's gradient at its
+    # own magnitude, plus the head's weight gradient's own bound (the tied embedding's share).
+    relative = hidden_bound / hidden[1].grad.abs().max().item()
     for name, p in model.named_parameters():
-        assert torch.allclose(blocked[name], p.grad, atol=1e-6), name
+        bound = p.grad.abs().max().item() * relative + (weight_bound if "wte" in name else 0)
+        assert (blocked[name] - p.grad).abs().max().item() <= bound, name
     assert not blocked["transformer.wte.weight"][config.vocab_size :].any()
 
 
@@ -92,4 +98,5 @@ def test_a_quantized_head_still_gives_the_loss():
     idx = torch.randint(0, config.vocab_size, (2, 24))
     logits, _ = model(idx)
     _, loss = model(idx, idx)
-    assert loss.item() == pytest.approx(F.cross_entropy(logits.flatten(0, 1), idx.flatten()).item(), rel=1e-6)
+    # The same function of the same logits: exact.
+    assert loss.item() == F.cross_entropy(logits.flatten(0, 1), idx.flatten()).item()
