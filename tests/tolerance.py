@@ -81,3 +81,28 @@ def cross_entropy_bounds(x, weight, targets, bf16: bool = False) -> list[float]:
     reductions = [rows, vocab, rows]
     rounding = [2 * u_bf16 if bf16 else 0.0] * 3  # bf16 outputs of the two gradients' products
     return [m * (2 * epsilon + 2 * gamma(torch.float32, n) + r) for m, n, r in zip(magnitudes, reductions, rounding)]
+
+
+def logits_bound(model, idx: torch.Tensor, dtype: torch.dtype = torch.float32) -> float:
+    """How far two evaluations of `model`'s logits for `idx` (B, T) may part: the network's chain of
+    reductions at the magnitude of the head's product, the largest Σ|terms| a logit is made of (layer norms
+    keep every earlier stage's relative error at most as large, to first order)."""
+    head_inputs = []
+    hook = model.transformer.ln_f.register_forward_hook(lambda module, args, out: head_inputs.append(out.detach()))
+    try:
+        with torch.no_grad():
+            model(idx)
+    finally:
+        hook.remove()
+    h = head_inputs[0].float().flatten(0, 1)
+    weight = model.transformer.wte.weight.detach().float()[: model.config.vocab_size]
+    return rounding_bound(dtype, product_magnitude(h, weight.T), *network_lengths(model.config, idx.shape[1]))
+
+
+def linear_bound(linear: torch.nn.Linear, x: torch.Tensor) -> float:
+    """How far two evaluations of `linear(x)` may part: one reduction over the input width (and the bias)."""
+    rows = x.reshape(-1, x.shape[-1]).detach()
+    magnitude = product_magnitude(rows, linear.weight.detach().T)
+    if linear.bias is not None:
+        magnitude += linear.bias.detach().abs().max().item()
+    return rounding_bound(linear.weight.dtype, magnitude, x.shape[-1] + 1)

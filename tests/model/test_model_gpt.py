@@ -4,19 +4,24 @@ import pytest
 import torch
 
 from model import GPT, PRESETS, GPTConfig
+from tolerance import cross_entropy_bounds, logits_bound
 
 
 def test_forward_returns_logits_for_every_position_or_the_mean_loss():
     config = GPTConfig.from_preset("tiny")
     model = GPT(config)
     idx = torch.randint(0, config.vocab_size, (3, 17))
+    hidden = []
+    model.transformer.ln_f.register_forward_hook(lambda module, args, out: hidden.append(out.detach()))
     logits, loss = model(idx)
     assert logits.shape == (3, 17, config.vocab_size)
     assert loss is None
     no_logits, loss = model(idx, targets=idx)
     assert no_logits is None  # the loss comes without materialising them (model/loss.py)
     expected = torch.nn.functional.cross_entropy(logits.view(-1, config.vocab_size), idx.view(-1))
-    assert torch.allclose(loss, expected)
+    # The same hidden states, the head's product and the softmax evaluated in another order.
+    bound = cross_entropy_bounds(hidden[0].flatten(0, 1), model.lm_head.weight.detach(), idx.view(-1))[0]
+    assert abs(loss.item() - expected.item()) <= bound
     # A fresh model is close to uniform over the vocabulary.
     assert abs(loss.item() - math.log(config.vocab_size)) < 0.5
 
@@ -28,7 +33,7 @@ def test_causality_future_tokens_do_not_change_past_logits():
     changed[0, 10:] = torch.randint(0, 50257, (10,))
     a, _ = model(idx)
     b, _ = model(changed)
-    assert torch.allclose(a[0, :10], b[0, :10], atol=1e-6)
+    assert (a[0, :10] - b[0, :10]).abs().max().item() <= logits_bound(model, idx)
     assert not torch.allclose(a[0, 10:], b[0, 10:])
 
 
@@ -43,6 +48,8 @@ def test_lm_head_is_tied_to_the_token_embedding():
 
 
 def test_initialisation_scales_both_residual_projections():
+    # Statistics, not rounding: the sample standard deviation of n normal draws has a relative standard
+    # error of 1/√(2n), under 0.8% for the smallest matrix here (wpe, 8,192 values); 5% is over six of them.
     torch.manual_seed(0)
     config = GPTConfig(n_layer=8, n_head=4, n_embd=256, block_size=32, vocab_size=1000)
     model = GPT(config)
