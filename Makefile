@@ -28,10 +28,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The programs are checked first, so that a machine without them stops in seconds, not test by test.
+# Test files are spread over TEST_WORKERS processes (pytest-xdist), a file's tests kept together so that
+# they share its services.
+TEST_WORKERS ?= 2
 test:
 	@$(PYTHON) tests/system_packages.py $(TEST_PROGRAMS)
 	@$(MAKE) --no-print-directory install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # The image built and the compose stack run end to end on a private Docker engine (tests/compose), with
 # stand-ins for the public base images made from Debian; needs root. Installs Debian's docker.io,
