@@ -46,6 +46,16 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
     return None
 
 
+def utilisation(flops_per_sec: float, peak: float | None) -> str | None:
+    """The MFU estimate as the log shows it, or None where the peak is unknown. A run faster than its peak
+    proves the peak wrong (a CPU's, measured while other work ran, as when `make up` loads the service
+    beside the trainer), so the estimate is then "unknown", never above 100%."""
+    if not peak:
+        return None
+    share = flops_per_sec / peak
+    return f"{share:.1%} (est.)" if share <= 1 else "unknown (peak measured under load)"
+
+
 def measure_matmul_flops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
     """FLOP/s of the fastest of `repeats` size×size matrix products on the CPU."""
     a = torch.randn(size, size, dtype=dtype)
@@ -152,7 +162,7 @@ class Reporter:
         if not (log or evaluated):
             return
         ms_per_step = 1000 * self.window_seconds / self.window_steps
-        mfu = self.flops_per_token * tokens_per_sec / self.peak_flops if self.peak_flops else None
+        mfu = utilisation(self.flops_per_token * tokens_per_sec, self.peak_flops)
         self.say(_line(progress, grad_norm, tokens_per_sec, ms_per_step, mfu, evaluated))
         record = {
             "step": progress.step,
@@ -217,7 +227,7 @@ def _line(p: Progress, grad_norm, tokens_per_sec, ms_per_step, mfu, evaluated) -
         parts.append(f"val {p.val_loss:.4f}")
     parts += [f"best {best}", f"{tokens_per_sec:,.0f} tok/s", f"{ms_per_step:.0f} ms/step", f"grad {grad_norm:.2f}"]
     if mfu is not None:
-        parts.append(f"mfu {mfu:.1%} (est.)")
+        parts.append(f"mfu {mfu}")
     return " | ".join(parts)
 
 

@@ -11,16 +11,15 @@ from __future__ import annotations
 import math
 import signal
 import time
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel
 
-from model import GPT, CheckpointError, GPTConfig, autocast_dtype, load_checkpoint
+from model import GPT, CheckpointError, GPTConfig, load_checkpoint
 from model.checkpoint import check_finite, remove_temporaries
-from trainer import checkpoints, distributed
+from trainer import checkpoints, distributed, precision
 from trainer.checkpoints import BEST, FINAL, LAST, Progress
 from trainer.data import Dataset, prepare
 from trainer.report import METRICS_FILE, Reporter, duration, flops_per_token, peak_flops
@@ -99,6 +98,11 @@ class Trainer:
         self.settings = s = settings.model_copy(update={"seq_len": sequence_length(settings, config)})
         self.dataset = self._load_data()
         self.model.to(ctx.device).train()
+        resumed_dtype = resume[1].get("settings", {}).get("dtype") if resume else None
+        self.precision = precision.choose(s.dtype, resumed_dtype, self.model, s.batch_size, s.seq_len, ctx)
+        self.dtype = self.precision.dtype
+        # Checkpoints record the precision trained in, so that a resumed `auto` run keeps it.
+        self.settings = s = s.model_copy(update={"dtype": self.precision.name})
         self.optimizer = adamw(self.model, s.lr, s.weight_decay, ctx.device)
         self.progress = Progress()
         if resume:
@@ -117,7 +121,6 @@ class Trainer:
         if ctx.enabled:
             device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(self.model, device_ids=device_ids)
-        self.dtype = autocast_dtype(ctx.device, s.dtype)
         self.tokens_per_step = s.batch_size * s.seq_len * s.grad_accum * ctx.world_size
         self.flops_per_token = flops_per_token(config, self.model.num_parameters(), s.seq_len)
         peak = peak_flops(ctx.device, self.dtype) if ctx.is_main else None
@@ -157,17 +160,8 @@ class Trainer:
         except (CheckpointError, ValueError) as e:
             raise TrainingError(f"{e}; remove it or run without --resume") from None
 
-    @contextmanager
     def autocast(self):
-        if self.dtype == torch.float32:
-            yield
-            return
-        with torch.autocast(self.ctx.device.type, dtype=self.dtype), ExitStack() as stack:
-            if self.ctx.device.type == "cpu":
-                # The CPU flash-attention kernel's bf16 backward runs 3x slower than its fp32 one; the
-                # plain matrix-product attention is faster than both at a training sequence's length.
-                stack.enter_context(sdpa_kernel(SDPBackend.MATH))
-            yield
+        return precision.autocast(self.ctx.device, self.dtype)
 
     def train_step(self) -> tuple[float, float]:
         """One optimizer step, counted in `progress`; returns the global batch's mean loss and the
@@ -309,7 +303,7 @@ class Trainer:
         reporter.say(
             f"Training {c.n_layer} layers × {c.n_head} heads × {c.n_embd} wide, context {c.block_size} "
             f"({n / 1e6:.1f}M parameters), {start}, on {self.ctx.device} "
-            f"in {str(self.dtype).removeprefix('torch.')}"
+            f"in {precision.describe(self.precision)}"
             + (f" × {self.ctx.world_size} processes" if self.ctx.enabled else "")
             + (", compiled block by block" if self.compiled else "")
         )
