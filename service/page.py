@@ -60,8 +60,8 @@ STEP_BYTES = 256 * 1024
 MAX_LINE = 16 * 1024
 MAX_BRACKETS = 8
 # After a step that took t seconds the log rests REST x t before the next, so that catching up on a long file
-# takes at most a fifth of the HTTP process's time from the requests it serves.
-REST = 4
+# takes at most a tenth of the HTTP process's time (and of its GIL) from the requests it serves.
+REST = 9
 # Seconds a step may take (a hung network mount, a huge read) before the route answers 503 instead.
 STEP_TIMEOUT = 5.0
 # What a record may tell the page about the trainer's latest step; each must be a finite number if present.

@@ -340,7 +340,7 @@ def _worker_view(worker, stall_timeout: float) -> dict:
     return {
         "worker": worker.worker_id,
         "status": status,
-        "heartbeat_at": worker.heartbeat_at if worker.pid else None,
+        "unresponsive_since": worker.heartbeat_at if worker.unresponsive else None,
         "step": worker.step,
         "val_loss": worker.val_loss,
         "checkpoint": worker.checkpoint or None,

@@ -106,7 +106,7 @@ def test_an_idle_stopped_worker_is_not_ready_and_requests_get_503_at_once(servic
         assert "inference worker 0 has not answered a heartbeat since" in body["message"]
         scrape = service.metrics()
         assert scrape.get("gpt_worker_responsive", worker="0") == 0
-        assert scrape.get("gpt_worker_heartbeat_timestamp_seconds", worker="0") == body["workers"][0]["heartbeat_at"]
+        assert scrape.get("gpt_worker_heartbeat_timestamp_seconds", worker="0") == body["workers"][0]["unresponsive_since"]
         # Refused on arrival, saying why, rather than after the pickup timeout.
         response = httpx.post(service.url + "/predict", json={"prompt": "Anyone?", "max_new_tokens": 2}, timeout=60)
         assert response.status_code == 503 and response.headers["retry-after"] == "5"
