@@ -65,6 +65,10 @@ def lock_folder(folder: Path, name: str, in_use: str) -> int:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
         raise FolderInUse(in_use.format(holder=holder, folder=folder)) from None
+    # Emptied first: a PID that cannot be written (a full disk) leaves none rather than a dead holder's.
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError:
+        pass  # the folder is held all the same; a contender names no PID
     return fd

@@ -48,8 +48,10 @@ class _Slot(ctypes.Structure):
         # Whether the worker holds requests, and when (time.monotonic) its scheduler last advanced them.
         ("busy", ctypes.c_bool),
         ("progress_at", ctypes.c_double),
-        # When (time.monotonic, the same clock in every process) the worker last posted a heartbeat.
+        # When the worker last posted a heartbeat: time.monotonic (the same clock in every process), and the
+        # time of day it was, to say so.
         ("heartbeat_at", ctypes.c_double),
+        ("heartbeat_wall", ctypes.c_double),
     ]
 
 
@@ -138,6 +140,7 @@ class StatusBoard:
             has_step=False,
             busy=False,
             heartbeat_at=time.monotonic(),
+            heartbeat_wall=time.time(),
         )
         return previous
 
@@ -160,7 +163,7 @@ class StatusBoard:
 
     def heartbeat(self, worker_id: int) -> None:
         """The worker's process runs (see HEARTBEAT_INTERVAL)."""
-        _write(self._workers[worker_id], heartbeat_at=time.monotonic())
+        _write(self._workers[worker_id], heartbeat_at=time.monotonic(), heartbeat_wall=time.time())
 
     # Written by HTTP server `server_id`.
 
@@ -172,7 +175,7 @@ class StatusBoard:
     # Read by anyone.
 
     def workers(self) -> list[WorkerView]:
-        now, wall = time.monotonic(), time.time()
+        now = time.monotonic()
         return [
             WorkerView(
                 worker_id,
@@ -184,7 +187,7 @@ class StatusBoard:
                 slot.checkpoint.decode(errors="replace"),
                 slot.dtype.decode(errors="replace"),
                 now - slot.progress_at if slot.busy else 0.0,
-                wall - (now - slot.heartbeat_at),
+                slot.heartbeat_wall,
                 now - slot.heartbeat_at,
             )
             for worker_id, slot in enumerate(_read(published) for published in self._workers)

@@ -155,7 +155,8 @@ def small_disk(tmp_path):
 
 
 def fill(directory) -> None:
-    with open(directory / "filler", "ab") as f:
+    # Unbuffered: bytes left in a buffer when the disk is full would fail again when the file is closed.
+    with open(directory / "filler", "ab", buffering=0) as f:
         try:
             while True:
                 f.write(b"\0" * 65536)
