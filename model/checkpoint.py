@@ -9,7 +9,6 @@ from __future__ import annotations
 import glob
 import io
 import os
-import stat
 import tempfile
 from pathlib import Path
 from typing import BinaryIO
@@ -17,6 +16,7 @@ from typing import BinaryIO
 import torch
 import torch.nn as nn
 
+from model.files import NotRegularFile, open_regular_file
 from model.gpt import GPT, GPTConfig
 from model.tokenizer import ENCODING_NAME
 
@@ -112,33 +112,16 @@ def read_checkpoint(path, map_location="cpu") -> dict:
 
 
 def _open_regular_file(path: Path) -> BinaryIO:
-    """`path` opened for reading if it is a regular file; CheckpointError otherwise.
-
-    Checked before opening (a socket cannot be opened at all) and again on the descriptor, opened without
-    blocking (a FIFO, device or socket named like a checkpoint would otherwise block the reader forever,
-    and the path could be swapped between the two).
-    """
+    """`path` opened for reading by model.files' one safe way (a FIFO, device or socket named like a
+    checkpoint would otherwise block its reader forever); CheckpointError otherwise."""
     try:
-        _check_regular(path, os.stat(path).st_mode)
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        return open_regular_file(path)
     except FileNotFoundError as e:
         raise CheckpointError(f"{path}: no such checkpoint") from e
+    except NotRegularFile as e:
+        raise CheckpointError(str(e)) from e
     except OSError as e:
         raise CheckpointError(f"{path}: cannot be opened ({e.strerror or e})") from e
-    try:
-        _check_regular(path, os.fstat(fd).st_mode)
-    except CheckpointError:
-        os.close(fd)
-        raise
-    return os.fdopen(fd, "rb")
-
-
-def _check_regular(path: Path, mode: int) -> None:
-    if stat.S_ISREG(mode):
-        return
-    kinds = {stat.S_ISDIR: "folder", stat.S_ISFIFO: "FIFO", stat.S_ISSOCK: "socket", stat.S_ISCHR: "device"}
-    kind = next((name for test, name in kinds.items() if test(mode)), "device")
-    raise CheckpointError(f"{path}: not a regular file but a {kind}")
 
 
 def check_finite(model: nn.Module, source) -> None:

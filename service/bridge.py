@@ -158,6 +158,11 @@ class WorkerCall:
         """Hand the request to a worker; return its acceptance or raise its refusal."""
         self._uid = request.request_id
         self.prompt_tokens = len(request.prompt)
+        workers = self._board.workers()
+        if all(worker.unresponsive for worker in workers):
+            # Stopped or frozen: the request would wait the whole pickup timeout for nothing.
+            self.done = True
+            raise Refusal("unresponsive", silent={w.worker_id: w.heartbeat_at for w in workers})
         WorkerCall.running.add(self)
         self._spec.response_buffer[self._uid] = ResponseBufferItem(event=self._event, response_queue=self._messages)
         self._spec.request_queue.put((self._spec.response_queue_id, self._uid, time.monotonic(), request))

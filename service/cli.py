@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from model.cli_options import build_settings, settings_options
+from model.files import FolderInUse, lock_folder
 from service.logs import configure_logging
 from service.settings import ServiceSettings
 
@@ -26,7 +27,10 @@ def main() -> None:
 def serve(**flags) -> None:
     """Serve the newest checkpoint of a folder, reloading it whenever the trainer publishes a new one."""
     settings = build_settings(ServiceSettings, flags)
-    metrics_dir = prepare_metrics_dir(settings.metrics_dir)
+    try:
+        metrics_dir = prepare_metrics_dir(settings.metrics_dir)
+    except (FolderInUse, OSError) as e:
+        raise click.ClickException(str(e)) from None
     # Read by OpenMP when a spawned inference worker first imports torch.
     if settings.omp_wait_policy == "passive":
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
@@ -50,11 +54,30 @@ def serve(**flags) -> None:
     sys.exit(status)
 
 
+# In --metrics-dir, held by the running service (model.files.lock_folder); not a metrics file (*.db).
+METRICS_LOCK = ".service.lock"
+
+
 def prepare_metrics_dir(path: Path | None) -> Path:
-    """Point prometheus_client's multiprocess mode at an empty folder, for this process and its children."""
+    """Point prometheus_client's multiprocess mode at an empty folder, for this process and its children.
+
+    The folder is this service's alone while it runs: a second service would delete the first's live files
+    and mix its figures into them, so it is refused (FolderInUse, naming the holder's PID). The lock is held
+    for the life of this process, by it alone: the processes it forks (HTTP servers, LitServe's Manager)
+    close their copy of the descriptor, so that the folder is free the moment this process ends.
+    """
     if path is None:
         path = Path(tempfile.mkdtemp(prefix="gpt-service-metrics-"))
-    path.mkdir(parents=True, exist_ok=True)
+    held = [
+        lock_folder(
+            path,
+            METRICS_LOCK,
+            "--metrics-dir {folder} is in use by another service (PID {holder}): stop it, or give this one "
+            "another --metrics-dir",
+        )
+    ]
+    # Once: a child's own children must not close whatever has taken the descriptor's number since.
+    os.register_at_fork(after_in_child=lambda: held and os.close(held.pop()))
     # Files of a previous run's processes would be merged into this run's figures.
     for stale in path.glob("*.db"):
         stale.unlink()

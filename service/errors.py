@@ -8,6 +8,8 @@ framework's own 404, 405 and malformed-body errors included.
 
 from __future__ import annotations
 
+import datetime as dt
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +75,17 @@ def waiting_for(path: Path) -> str:
     return f"waiting for a checkpoint in {Path(path).parent} ({Path(path).name} not loaded yet)"
 
 
+def unresponsive(silent: dict[int, float]) -> str:
+    """What readiness and generation answer about workers that stopped posting heartbeats: each worker by
+    its index, with the time (time.time) of its last heartbeat."""
+    now = time.time()
+    return "; ".join(
+        f"inference worker {worker} has not answered a heartbeat since "
+        f"{dt.datetime.fromtimestamp(at, dt.timezone.utc):%Y-%m-%d %H:%M:%S} UTC ({now - at:.0f} s)"
+        for worker, at in silent.items()
+    )
+
+
 @dataclass(frozen=True)
 class Answer:
     status: int
@@ -105,6 +118,12 @@ REASONS: dict[str, Answer] = {
     "no_worker": Answer(
         503, "worker_unavailable", lambda timeout: f"no inference worker took the request within {timeout:g} s"
     ),
+    "unresponsive": Answer(
+        503,
+        "worker_unavailable",
+        lambda silent: f"no inference worker can take the request: {unresponsive(silent)}",
+        retry_after=5,
+    ),
     "worker_died": Answer(
         503,
         "worker_unavailable",
@@ -121,6 +140,15 @@ REASONS: dict[str, Answer] = {
     ),
     "worker_error": Answer(500, "worker_error", lambda: "the inference worker failed to process the request"),
     "generation_failed": Answer(500, "generation_failed", lambda: "generation failed inside the inference worker"),
+    "training_log_unreadable": Answer(
+        503, "training_log_unreadable", lambda problem: f"cannot read the training log: {problem}", retry_after=5
+    ),
+    "training_log_slow": Answer(
+        503,
+        "training_log_slow",
+        lambda path, seconds: f"reading the training log {path} takes longer than {seconds:g} s",
+        retry_after=5,
+    ),
     "shutting_down": Answer(
         503, "shutting_down", lambda seconds: f"the service stopped after draining for {seconds:g} s; retry elsewhere"
     ),

@@ -140,7 +140,8 @@ def count_storage_failures(board) -> None:
 
 class _LiveCollector(Collector):
     """Figures read at scrape time: `process_*` of every service process (one series per process,
-    labelled by pid and role, under the standard names) and the status board's shared counters."""
+    labelled by pid and role, under the standard names), each worker's heartbeat and the status board's
+    shared counters."""
 
     def __init__(self, board):
         self.board = board
@@ -182,6 +183,22 @@ class _LiveCollector(Collector):
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
         yield from (cpu, rss, vms, start, threads, fds, max_fds)
+        heartbeat = GaugeMetricFamily(
+            "gpt_worker_heartbeat_timestamp_seconds",
+            "When each inference worker last posted a heartbeat (it does, busy or idle, twice a second).",
+            labels=["worker"],
+        )
+        responsive = GaugeMetricFamily(
+            "gpt_worker_responsive",
+            "1 for an inference worker that answers heartbeats (or is starting), 0 for one that has not for "
+            "seconds (stopped, frozen): it cannot take requests.",
+            labels=["worker"],
+        )
+        for worker in self.board.workers():
+            if worker.pid:
+                heartbeat.add_metric([str(worker.worker_id)], worker.heartbeat_at)
+                responsive.add_metric([str(worker.worker_id)], 0 if worker.unresponsive else 1)
+        yield from (heartbeat, responsive)
         yield CounterMetricFamily(
             "gpt_metrics_storage_failures",
             "Service processes that could not write their metrics files (a full disk under --metrics-dir); "

@@ -25,7 +25,16 @@ from starlette.requests import ClientDisconnect
 from model import EOT_TOKEN, SamplingParams, Tokenizer
 from service import metrics, schemas
 from service.bridge import RouteSpec, WorkerCall, process_index
-from service.errors import LIMIT_EXCEEDED, APIError, ClientGone, Refusal, as_api_error, from_validation, waiting_for
+from service.errors import (
+    LIMIT_EXCEEDED,
+    APIError,
+    ClientGone,
+    Refusal,
+    as_api_error,
+    from_validation,
+    unresponsive,
+    waiting_for,
+)
 from service.messages import Accepted, GenerationRequest
 from service.page import Page
 from service.settings import ServiceSettings
@@ -126,15 +135,19 @@ class Routes:
     # Probes, never behind the key
 
     async def health(self, request: Request) -> Response:
-        """200 when every inference worker serves a model and moves, 503 with the reason otherwise."""
+        """200 when every inference worker serves a model, answers heartbeats and moves, 503 with the reason
+        otherwise."""
         workers = self.board.workers()
         body = {"status": "ready", "workers": [_worker_view(w, self.settings.stall_timeout) for w in workers]}
         starting = [w.worker_id for w in workers if w.status is Status.STARTING]
         stalled = [w.worker_id for w in workers if w.stalled_for > self.settings.stall_timeout]
+        silent = {w.worker_id: w.heartbeat_at for w in workers if w.unresponsive}
         if starting:
             body.update(status="starting", message=f"inference workers {starting} are starting")
         elif stalled:
             body.update(status="stalled", message=f"inference workers {stalled} hold requests and make no progress")
+        elif silent:
+            body.update(status="unresponsive", message=unresponsive(silent))
         elif any(w.status is Status.WAITING for w in workers):
             body.update(status="waiting", message=waiting_for(self.settings.checkpoint_path))
         return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503)
@@ -318,10 +331,16 @@ def _model_headers(accepted: Accepted) -> dict[str, str]:
 
 
 def _worker_view(worker, stall_timeout: float) -> dict:
-    status = "stalled" if worker.stalled_for > stall_timeout else worker.status.name.lower()
+    if worker.stalled_for > stall_timeout:
+        status = "stalled"
+    elif worker.unresponsive:
+        status = "unresponsive"
+    else:
+        status = worker.status.name.lower()
     return {
         "worker": worker.worker_id,
         "status": status,
+        "unresponsive_since": worker.heartbeat_at if worker.unresponsive else None,
         "step": worker.step,
         "val_loss": worker.val_loss,
         "checkpoint": worker.checkpoint or None,

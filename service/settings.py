@@ -137,7 +137,8 @@ class ServiceSettings(BaseSettings):
     metrics_dir: Path | None = Field(
         None,
         description="Folder for prometheus_client's multiprocess files; wiped at start (none: a fresh temporary "
-        "folder removed at exit).",
+        "folder removed at exit). One service per folder: a second one given a folder in use exits, naming the "
+        "running service's PID.",
     )
 
     @field_validator("api_key", mode="before")

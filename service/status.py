@@ -3,7 +3,8 @@
 Made in the main process before LitServe starts anything: forked HTTP servers inherit it and spawned
 inference workers receive it pickled with the LitAPI, which multiprocessing allows for shared memory
 only while spawning (hence the spawn context). The HTTP processes read it to answer /health, to
-notice a dead or stalled worker, and to label the per-process metrics.
+notice a dead, stalled (holding requests without progress) or unresponsive (no heartbeat) worker, and to
+label the per-process metrics.
 
 No process ever waits on another here: a lock shared between processes stays taken forever when its
 holder is killed inside it (a worker SIGKILLed mid-step hung /health and its own replacement). Each
@@ -47,6 +48,10 @@ class _Slot(ctypes.Structure):
         # Whether the worker holds requests, and when (time.monotonic) its scheduler last advanced them.
         ("busy", ctypes.c_bool),
         ("progress_at", ctypes.c_double),
+        # When the worker last posted a heartbeat: time.monotonic (the same clock in every process), and the
+        # time of day it was, to say so.
+        ("heartbeat_at", ctypes.c_double),
+        ("heartbeat_wall", ctypes.c_double),
     ]
 
 
@@ -54,8 +59,12 @@ class _Published(ctypes.Structure):
     _fields_ = [("current", ctypes.c_uint64), ("copies", _Slot * 2)]
 
 
-# A worker's asyncio thread and its scheduler thread both write its slot.
+# A worker's asyncio thread, its scheduler thread and its heartbeat thread all write its slot.
 _WRITING = threading.Lock()
+# Each worker posts a heartbeat this often, busy or idle; one whose last is older than HEARTBEAT_TIMEOUT
+# cannot take a request (stopped, frozen), whether or not it holds one.
+HEARTBEAT_INTERVAL = 0.5
+HEARTBEAT_TIMEOUT = 5.0
 
 
 def _read(published: _Published) -> _Slot:
@@ -87,6 +96,13 @@ class WorkerView:
     checkpoint: str
     dtype: str
     stalled_for: float  # seconds without progress while holding requests (0 when idle or moving)
+    heartbeat_at: float  # when (time.time) the worker last posted a heartbeat
+    silent_for: float  # seconds since then
+
+    @property
+    def unresponsive(self) -> bool:
+        """A worker that started (it may be waiting for a checkpoint) and has not posted a heartbeat lately."""
+        return self.status is not Status.STARTING and self.silent_for > HEARTBEAT_TIMEOUT
 
 
 def alive(pid: int) -> bool:
@@ -117,7 +133,15 @@ class StatusBoard:
     def claim(self, worker_id: int) -> int:
         """Take a worker's slot for this process; return the pid of its previous holder (0 if none)."""
         previous = _read(self._workers[worker_id]).pid
-        _write(self._workers[worker_id], pid=os.getpid(), status=Status.STARTING, has_step=False, busy=False)
+        _write(
+            self._workers[worker_id],
+            pid=os.getpid(),
+            status=Status.STARTING,
+            has_step=False,
+            busy=False,
+            heartbeat_at=time.monotonic(),
+            heartbeat_wall=time.time(),
+        )
         return previous
 
     def post(self, worker_id: int, model: ModelInfo | None, dtype: str = "") -> None:
@@ -136,6 +160,10 @@ class StatusBoard:
     def progress(self, worker_id: int, busy: bool) -> None:
         """The worker's scheduler advanced its requests (or has none left)."""
         _write(self._workers[worker_id], busy=busy, progress_at=time.monotonic())
+
+    def heartbeat(self, worker_id: int) -> None:
+        """The worker's process runs (see HEARTBEAT_INTERVAL)."""
+        _write(self._workers[worker_id], heartbeat_at=time.monotonic(), heartbeat_wall=time.time())
 
     # Written by HTTP server `server_id`.
 
@@ -159,6 +187,8 @@ class StatusBoard:
                 slot.checkpoint.decode(errors="replace"),
                 slot.dtype.decode(errors="replace"),
                 now - slot.progress_at if slot.busy else 0.0,
+                slot.heartbeat_wall,
+                now - slot.heartbeat_at,
             )
             for worker_id, slot in enumerate(_read(published) for published in self._workers)
         ]

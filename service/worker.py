@@ -1,4 +1,5 @@
-"""An inference worker, assembled in one place: loader, scheduler, checkpoint watcher, cancel listener.
+"""An inference worker, assembled in one place: loader, scheduler, checkpoint watcher, cancel listener,
+heartbeat.
 
 `start_worker` runs once in each spawned worker process (from the LitAPI's `setup`); `Worker.generate`
 is what the LitAPI's `predict` streams for each request.
@@ -11,6 +12,7 @@ import importlib
 import logging
 import math
 import threading
+import time
 from collections.abc import AsyncIterator
 
 import torch
@@ -22,7 +24,7 @@ from service.logs import configure_logging
 from service.messages import Chunk, GenerationRequest, Refused, merge_chunks
 from service.scheduler import Scheduler
 from service.settings import ServiceSettings
-from service.status import StatusBoard
+from service.status import HEARTBEAT_INTERVAL, StatusBoard
 from service.watcher import CheckpointWatcher
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,7 @@ def start_worker(settings: ServiceSettings, board: StatusBoard, controls: list, 
     metrics.count_storage_failures(board)
     worker_id = bridge.process_index()
     previous = board.claim(worker_id)
+    threading.Thread(target=_heartbeat, args=(board, worker_id), name="heartbeat", daemon=True).start()
     if previous:
         metrics.forget_process(previous)
         bridge.unblock_dead_workers_get(request_queue)
@@ -113,6 +116,14 @@ def start_worker(settings: ServiceSettings, board: StatusBoard, controls: list, 
     watcher.start()
     threading.Thread(target=_take_cancels, args=(controls[worker_id], scheduler), name="cancels", daemon=True).start()
     return Worker(scheduler, settings.stream_interval)
+
+
+def _heartbeat(board: StatusBoard, worker_id: int) -> None:
+    """Tell the HTTP processes that this worker still runs, idle or busy: a stopped or frozen one is then seen
+    within seconds, not only once it holds requests. A write to shared memory twice a second."""
+    while True:
+        board.heartbeat(worker_id)
+        time.sleep(HEARTBEAT_INTERVAL)
 
 
 def _take_cancels(control, scheduler: Scheduler) -> None:

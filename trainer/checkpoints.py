@@ -8,7 +8,6 @@ optimizer, the batch sampler's generator, the RNG states and the run's counters.
 
 from __future__ import annotations
 
-import fcntl
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,36 +17,26 @@ from pathlib import Path
 import torch
 
 from model import load_checkpoint, save_checkpoint
+from model.files import lock_folder
 
 BEST, LAST, FINAL = "best_model.pt", "last.pt", "final_model.pt"
 LOCK = ".trainer.lock"
 
 
-class FolderInUse(Exception):
-    """Another trainer holds the output folder."""
-
-
 @contextmanager
 def hold(out: Path) -> Iterator[None]:
-    """Keep every other trainer out of `out` while the block runs.
+    """Keep every other trainer out of `out` while the block runs (FolderInUse if one holds it).
 
     Two runs writing one folder would interleave their checkpoints and lose one's metrics.jsonl. The
-    lock is an flock on OUT/.trainer.lock, which holds the holder's PID: the kernel releases it when
-    the process ends, however it ends, so a SIGKILLed run never blocks the next --resume.
+    lock is an flock on OUT/.trainer.lock, which holds the holder's PID (model.files.lock_folder).
     """
-    out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = lock_folder(
+        out,
+        LOCK,
+        "another trainer (PID {holder}) is writing to {folder}: wait for it to finish, stop it, or give this run "
+        "another --out",
+    )
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise FolderInUse(
-                f"another trainer (PID {holder}) is writing to {out}: wait for it to finish, stop it, or "
-                f"give this run another --out"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
         os.close(fd)

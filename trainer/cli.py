@@ -10,7 +10,8 @@ import click
 from model import CheckpointError, ContextLengthError
 from model.cli_options import build_settings, settings_options
 from trainer import commands, distributed
-from trainer.checkpoints import FolderInUse, hold
+from model.files import FolderInUse
+from trainer.checkpoints import hold
 from trainer.data import DataError
 from trainer.settings import TrainerSettings
 from trainer.train import Trainer, TrainingError

@@ -245,7 +245,9 @@
     curves = await response.json();
     const latest = curves.latest;
     $("training").textContent = latest
-      ? `metrics.jsonl: ${curves.records} records; the trainer's latest is step ${latest.step}` +
+      ? `metrics.jsonl: ${curves.records} records` +
+        (curves.skipped ? ` (${curves.skipped} lines skipped: no records)` : "") +
+        `; the trainer's latest is step ${latest.step}` +
         (latest.loss === undefined ? "" : `, loss ${latest.loss.toFixed(4)}`) +
         (latest.tokens_per_sec === undefined ? "" : `, ${Math.round(latest.tokens_per_sec).toLocaleString()} tokens/s`)
       : "No training records yet: the trainer writes metrics.jsonl into the checkpoint folder.";

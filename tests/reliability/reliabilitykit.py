@@ -20,11 +20,16 @@ class Scale:
     worker_kills: int
     slowloris: int  # connections that never finish their headers
     slow_bodies: int  # 1 MiB bodies whose last bytes never come
+    training_log_lines: int  # short records in a metrics.jsonl that pages poll
     soak: bool
 
 
 SOAK = os.environ.get("RELIABILITY_SOAK") == "1"
-SCALE = Scale(1000, 2000, 32, 20, 5, 2000, 300, True) if SOAK else Scale(40, 120, 16, 3, 1, 200, 30, False)
+SCALE = (
+    Scale(1000, 2000, 32, 20, 5, 2000, 300, 8_200_000, True)
+    if SOAK
+    else Scale(40, 120, 16, 3, 1, 200, 30, 2_000_000, False)
+)
 
 
 def wait_idle(service: Service, timeout: float = 30.0) -> Scrape:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 
 import httpx
 import processes
 import psutil
 import pytest
 from reliabilitykit import SCALE, wait_idle
-from servicekit import publish, wait_for
+from servicekit import free_port, publish, wait_for
 
 LONG = 1000  # tokens: a request that is surely still running when the fault strikes
 
@@ -92,6 +93,34 @@ def test_a_stopped_worker_fails_its_requests_and_is_reported_until_it_moves_agai
     figures.update(stalled_request_error=events[-1]["error"]["code"])
 
 
+def test_an_idle_stopped_worker_is_not_ready_and_requests_get_503_at_once(service, figures):
+    """A worker that holds no request is stalled on nothing: its heartbeat says it is stopped."""
+    wait_idle(service)
+    [worker] = pids(service, "worker")
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        health = wait_for(lambda: (h := service.health()).status_code == 503 and h, 30,
+                          message="readiness to drop while the worker is stopped")  # fmt: skip
+        body = health.json()
+        assert body["status"] == "unresponsive" and body["workers"][0]["status"] == "unresponsive"
+        assert "inference worker 0 has not answered a heartbeat since" in body["message"]
+        scrape = service.metrics()
+        assert scrape.get("gpt_worker_responsive", worker="0") == 0
+        assert scrape.get("gpt_worker_heartbeat_timestamp_seconds", worker="0") == body["workers"][0]["unresponsive_since"]
+        # Refused on arrival, saying why, rather than after the pickup timeout.
+        response = httpx.post(service.url + "/predict", json={"prompt": "Anyone?", "max_new_tokens": 2}, timeout=60)
+        assert response.status_code == 503 and response.headers["retry-after"] == "5"
+        error = response.json()["error"]
+        assert error["code"] == "worker_unavailable", error
+        assert error["message"].startswith("no inference worker can take the request: inference worker 0 has not")
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    wait_for(lambda: service.health().status_code == 200, 30, message="readiness once the worker runs again")
+    assert service.metrics().get("gpt_worker_responsive", worker="0") == 1
+    assert service.predict(prompt="Thawed", max_new_tokens=3)["usage"]["completion_tokens"] == 3
+    figures.update(idle_stopped_worker_health=body["status"], request_while_stopped=response.status_code)
+
+
 def test_killed_helpers_leave_no_client_waiting(service, figures):
     """multiprocessing's resource tracker only cleans up after the others: the service goes on without it. The
     Manager holds LitServe's queues and cannot be replaced: the service exits non-zero at once, so that its
@@ -126,7 +155,8 @@ def small_disk(tmp_path):
 
 
 def fill(directory) -> None:
-    with open(directory / "filler", "ab") as f:
+    # Unbuffered: bytes left in a buffer when the disk is full would fail again when the file is closed.
+    with open(directory / "filler", "ab", buffering=0) as f:
         try:
             while True:
                 f.write(b"\0" * 65536)
@@ -158,6 +188,31 @@ def test_a_full_metrics_disk_costs_metrics_not_service(launch, tmp_path, small_d
     assert service.log().count("cannot write metrics files") >= 2
     assert "Bus error" not in service.log() and service.process.poll() is None
     figures.update(processes_without_metrics_files=int(scrape.get("gpt_metrics_storage_failures_total")))
+
+
+def test_one_service_per_metrics_folder_and_a_dead_ones_folder_is_cleaned_and_reused(launch, tmp_path, figures):
+    publish(tmp_path, step=3)
+    folder = tmp_path / "shared-metrics"
+    first = launch(tmp_path, "--metrics-dir", str(folder))
+    first.predict(prompt="First", max_new_tokens=8)
+    tokens = first.metrics().get("gpt_generation_tokens_total")
+    second = processes.run(
+        [sys.executable, "-m", "service", "serve", "--checkpoint-dir", str(tmp_path), "--metrics-dir", str(folder),
+         "--port", str(free_port()), "--device", "cpu"],
+        timeout=120, capture_output=True, text=True,
+    )  # fmt: skip
+    assert second.returncode != 0
+    assert f"--metrics-dir {folder} is in use by another service (PID {first.process.pid})" in second.stderr
+    # The first's files were left alone: its figures did not drop.
+    assert first.metrics().get("gpt_generation_tokens_total") == tokens == 8
+    # Its main process killed, it holds nothing (the processes it forked hold no copy of the lock): the next
+    # service takes the folder, without the dead one's figures.
+    first.process.kill()
+    first.process.wait()
+    third = launch(tmp_path, "--metrics-dir", str(folder))
+    third.predict(prompt="Third", max_new_tokens=3)
+    assert third.metrics().get("gpt_generation_tokens_total") == 3
+    figures.update(second_service="refused, naming the folder and the holder's PID", after_a_kill="reused")
 
 
 def test_sigterm_that_runs_out_of_drain_time_ends_each_stream_with_an_error_and_exits_1(launch, tmp_path, figures):

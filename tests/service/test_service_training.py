@@ -1,20 +1,20 @@
 """`GET /v1/training`: the training run's loss curve, read from the trainer's metrics.jsonl.
 
 Against the shared service (its checkpoint folder gets a metrics.jsonl of the tests' making, removed
-after), and the reader itself over long files, where each answer must cost a bounded amount of work.
+after), and the reader itself over long files, where each step must cost a bounded amount of work.
+(Hostile files, a FIFO, a 200,000-deep line, a log that grows under load: tests/reliability/test_reliability_run_folder.py.)
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-import os
 
 import httpx
 import pytest
 
 from model.checkpoint import atomic_write
-from service.page import MAX_POINTS, METRICS_FILE, TrainingLog
+from service.page import MAX_LINE, MAX_POINTS, METRICS_FILE, TrainingLog
 from trainer.report import METRICS_FILE as TRAINER_METRICS_FILE
 
 
@@ -44,8 +44,8 @@ def test_the_service_reads_the_file_the_trainer_writes():
 
 
 def test_no_file_is_an_empty_curve_not_an_error(served, metrics_file):
-    assert training(served) == {"object": "training", "records": 0, "train": [], "val": [], "latest": None,
-                                "complete": True}  # fmt: skip
+    assert training(served) == {"object": "training", "records": 0, "skipped": 0, "train": [], "val": [],
+                                "latest": None, "complete": True}  # fmt: skip
 
 
 def test_the_route_follows_the_key_rule(served):
@@ -65,8 +65,8 @@ def test_curves_follow_the_file_as_the_trainer_appends_rewrites_and_truncates_it
     with metrics_file.open("a") as file:
         file.write('5}\nnot json\n{"step": "40"}\n{"step": 50, "loss": NaN, "val_loss": Infinity}\n' + record(60, 2.0))
     body = training(served)
-    # Lines that are no records are passed over, and so are values that JSON cannot carry.
-    assert body["records"] == 5 and body["complete"] is True
+    # Lines that are no records are passed over and counted, and so are records with values that JSON cannot carry.
+    assert body["records"] == 4 and body["skipped"] == 3 and body["complete"] is True
     assert body["train"] == [[10, 5.0], [20, 4.0], [30, 3.5], [60, 2.0]] and body["val"] == [[20, 4.5]]
 
     # A resumed run rewrites the file (a new one, atomically) without the records past its checkpoint.
@@ -78,22 +78,24 @@ def test_curves_follow_the_file_as_the_trainer_appends_rewrites_and_truncates_it
     assert training(served)["train"] == [[10, 5.0]]
 
 
-def test_a_long_run_is_read_in_bounded_slices_and_answered_in_bounded_curves(tmp_path):
+def test_a_long_run_is_read_in_bounded_steps_and_answered_in_bounded_curves(tmp_path):
     path = tmp_path / METRICS_FILE
     steps = 30_000
     with path.open("w") as file:
         for step in range(1, steps + 1):
             file.write(record(step, 10 - step / steps, val_loss=10 - step / steps if step % 100 == 0 else None))
-    budget = 256 * 1024
-    log = TrainingLog(path, budget=budget)
+    lines = 1000
+    log = TrainingLog(path, lines=lines)
     answers = []
     while not answers or not answers[-1]["complete"]:
-        answers.append(log.read())
-        assert len(answers) < 100
-    # Each answer read at most the budget, so catching up took several.
-    assert len(answers) >= os.path.getsize(path) // budget
+        records = log.records
+        log.step()
+        # Each step parsed at most its share of lines, from where the last one stopped.
+        assert 0 < log.records - records <= lines
+        answers.append(json.loads(log.body))
+    assert len(answers) == steps // lines and answers[-1] == log.view()
     last = answers[-1]
-    assert last["records"] == steps and last["latest"]["step"] == steps
+    assert last["records"] == steps and last["skipped"] == 0 and last["latest"]["step"] == steps
     for answer in answers:
         assert len(answer["train"]) <= MAX_POINTS + 1 and len(answer["val"]) <= MAX_POINTS + 1
     train = [step for step, _ in last["train"]]
@@ -104,10 +106,16 @@ def test_a_long_run_is_read_in_bounded_slices_and_answered_in_bounded_curves(tmp
     assert [step for step, _ in last["val"]] == list(range(100, steps + 1, 100))
 
 
-def test_a_line_longer_than_the_budget_is_passed_over(tmp_path):
+def test_a_line_too_long_to_be_a_record_is_passed_over_and_counted(tmp_path):
     path = tmp_path / METRICS_FILE
-    path.write_text(record(1, 5.0) + "x" * 3000 + "\n" + record(2, 4.0))
-    log = TrainingLog(path, budget=1024)
-    while not (answer := log.read())["complete"]:
+    path.write_text(record(1, 5.0) + "x" * (3 * MAX_LINE) + "\n" + record(2, 4.0) + "y" * (MAX_LINE + 1))
+    log = TrainingLog(path, chunk=MAX_LINE // 2)
+    while not log.step():
         pass
-    assert answer["train"] == [[1, 5.0], [2, 4.0]]
+    # The last line has no end yet, but is already too long to be a record.
+    assert log.view()["train"] == [[1, 5.0], [2, 4.0]] and log.skipped == 2
+    with path.open("a") as file:
+        file.write("y\n" + record(3, 3.0))
+    while not log.step():
+        pass
+    assert log.view()["train"] == [[1, 5.0], [2, 4.0], [3, 3.0]] and log.skipped == 2
