@@ -1,0 +1,56 @@
+"""HAProxy with the compose file's configuration (deploy/haproxy/haproxy.cfg) in front of real services on
+this machine: the same frontend, backend, checks and exporter, with each replica named by its local port
+where compose lets Docker's DNS name them."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import processes
+import pytest
+from servicekit import Service, free_port, wait_for
+
+CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "haproxy" / "haproxy.cfg"
+
+
+@dataclass
+class Balancer:
+    url: str
+    metrics_url: str
+    process: subprocess.Popen
+
+    def active_servers(self) -> float:
+        text = httpx.get(self.metrics_url, timeout=10.0).text
+        return float(re.search(r'^haproxy_backend_active_servers\{proxy="api"\} (\S+)$', text, re.M).group(1))
+
+
+def start_haproxy(tmp_path: Path, *services: Service) -> Balancer:
+    binary = shutil.which("haproxy") or pytest.fail("haproxy not found: apt-get install -y haproxy")
+    port, metrics_port = free_port(), free_port()
+    text = CONFIG.read_text()
+    text = text.replace("bind :8000", f"bind 127.0.0.1:{port}").replace("bind :8405", f"bind 127.0.0.1:{metrics_port}")
+    servers = "".join(f"    server api{i} {s.url.removeprefix('http://')}\n" for i, s in enumerate(services, 1))
+    text, replaced = re.subn(r"^ *server-template api \d+ api:8000\n", servers, text, flags=re.M)
+    assert replaced == 1, f"no server-template for api in {CONFIG}"
+    config = tmp_path / f"haproxy-{port}.cfg"
+    config.write_text(text)
+    log = tmp_path / f"haproxy-{port}.log"
+    with open(log, "w") as out:
+        process = processes.spawn([binary, "-db", "-f", str(config)], stdout=out, stderr=subprocess.STDOUT)
+    balancer = Balancer(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics", process)
+
+    def answers():
+        if process.poll() is not None:
+            pytest.fail(f"haproxy exited with {process.returncode}:\n{log.read_text()}")
+        try:
+            return httpx.get(balancer.metrics_url, timeout=5.0).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_for(answers, 30, interval=0.1, message="haproxy to listen")
+    return balancer
