@@ -25,8 +25,15 @@ class Balancer:
     process: subprocess.Popen
 
     def active_servers(self) -> float:
+        """Replicas whose health checks pass."""
         text = httpx.get(self.metrics_url, timeout=10.0).text
         return float(re.search(r'^haproxy_backend_active_servers\{proxy="api"\} (\S+)$', text, re.M).group(1))
+
+    def sessions(self) -> dict[str, float]:
+        """Open connections to each replica, by server name."""
+        text = httpx.get(self.metrics_url, timeout=10.0).text
+        pattern = r'^haproxy_server_current_sessions\{proxy="api",server="(\w+)"\} (\S+)$'
+        return {server: float(value) for server, value in re.findall(pattern, text, re.M)}
 
 
 def start_haproxy(tmp_path: Path, *services: Service) -> Balancer:
