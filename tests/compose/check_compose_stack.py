@@ -482,15 +482,17 @@ def test_every_replica_moves_to_a_new_checkpoint_with_no_failed_request(stack):
             "trainer", "fit", "--steps", "30", "--eval-interval", "15", "--no-resume", "--seed", "11",
             "--data", "builtin:pydoc", "--out", "/checkpoints",
         )  # fmt: skip
-        saved = [line for line in output.splitlines() if line.startswith("Saved best model")]
-        step = int(saved[-1].rsplit("step ", 1)[1].split(")")[0])
+        saved = [int(line.rsplit("step ", 1)[1].split(")")[0]) for line in output.splitlines()
+                 if line.startswith("Saved best model")]  # fmt: skip
+        step = saved[-1]
         assert step != before
         # /health of every replica names the new checkpoint, and the balancer sends to all of them.
         stack.fleet_serving(REPLICAS, step)
         traffic.more(10, "requests answered on the new checkpoint")
     finally:
         steps = traffic.stop()
-    assert set(steps) <= {before, step} and steps[-1] == step, steps
+    # Each publication of the run was served in turn; the last request got the last one.
+    assert set(steps) <= {before, *saved} and steps[-1] == step, (saved, steps)
 
 
 def test_scaling_to_one_replica_and_back_loses_no_request(stack):
@@ -537,7 +539,7 @@ def test_a_replica_killed_mid_stream_fails_only_its_own_streams(stack):
     # The killed replica's streams end cut, which the client sees (no [DONE], an incomplete chunked body);
     # every other stream finishes.
     assert len(errors) == running > 0, (running, errors)
-    assert all(isinstance(e, httpx.RemoteProtocolError) for e in errors.values()), errors
+    assert all(isinstance(e, (httpx.RemoteProtocolError, httpx.ReadError)) for e in errors.values()), errors
     for i, (events, _) in enumerate(streams):
         if i not in errors:
             assert events[-1] == "[DONE]" and json.loads(events[-2])["finish_reason"] == "length", events[-2:]
