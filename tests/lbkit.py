@@ -1,6 +1,7 @@
-"""HAProxy with the compose file's configuration (deploy/haproxy/haproxy.cfg) in front of real services on
-this machine: the same frontend, backend, checks and exporter, with each replica named by its local port
-where compose lets Docker's DNS name them."""
+"""HAProxy with the compose file's configuration (deploy/haproxy/haproxy.cfg, rewritten for this machine by
+bench.loadgen.haproxy_config, which the benchmark uses too) in front of real services: the same frontend,
+backend, checks and exporter, with each replica named by its local port where compose lets Docker's DNS
+name them."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import processes
 import pytest
 from servicekit import Service, free_port, wait_for
 
-CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "haproxy" / "haproxy.cfg"
+from bench.loadgen import haproxy_config
 
 
 @dataclass
@@ -39,13 +40,8 @@ class Balancer:
 def start_haproxy(tmp_path: Path, *services: Service) -> Balancer:
     binary = shutil.which("haproxy") or pytest.fail("haproxy not found: apt-get install -y haproxy")
     port, metrics_port = free_port(), free_port()
-    text = CONFIG.read_text()
-    text = text.replace("bind :8000", f"bind 127.0.0.1:{port}").replace("bind :8405", f"bind 127.0.0.1:{metrics_port}")
-    servers = "".join(f"    server api{i} {s.url.removeprefix('http://')}\n" for i, s in enumerate(services, 1))
-    text, replaced = re.subn(r"^ *server-template api \d+ api:8000\n", servers, text, flags=re.M)
-    assert replaced == 1, f"no server-template for api in {CONFIG}"
     config = tmp_path / f"haproxy-{port}.cfg"
-    config.write_text(text)
+    config.write_text(haproxy_config([s.url.removeprefix("http://") for s in services], port, metrics_port))
     log = tmp_path / f"haproxy-{port}.log"
     with open(log, "w") as out:
         process = processes.spawn([binary, "-db", "-f", str(config)], stdout=out, stderr=subprocess.STDOUT)
