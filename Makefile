@@ -15,7 +15,8 @@ endif
 
 # System programs the tests run for real (tests/system_packages.py installs them as root on Debian or
 # Ubuntu, and otherwise stops at once with the command that does): program=Debian package.
-TEST_PROGRAMS := promtool=prometheus prometheus=prometheus docker-compose=docker-compose chromium=chromium
+TEST_PROGRAMS := promtool=prometheus prometheus=prometheus docker-compose=docker-compose chromium=chromium \
+	haproxy=haproxy kubectl=kubernetes-client
 COMPOSE_PROGRAMS := dockerd=docker.io docker-compose=docker-compose debootstrap=debootstrap
 
 install: $(STAMP)

@@ -15,6 +15,8 @@ import argparse
 import asyncio
 import contextlib
 import json
+import re
+import shutil
 import signal
 import socket
 import statistics
@@ -62,6 +64,53 @@ def running_service(checkpoint_dir: Path, flags: list[str], start_timeout: float
             process.wait(timeout=120)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+HAPROXY_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "haproxy" / "haproxy.cfg"
+
+
+def haproxy_config(servers: list[str], port: int, metrics_port: int) -> str:
+    """The compose file's HAProxy configuration for this machine: listening on local ports, and the replicas
+    named by address (HOST:PORT) where Docker's DNS fills its server template in compose."""
+    text = HAPROXY_CONFIG.read_text()
+    text = text.replace("bind :8000", f"bind 127.0.0.1:{port}").replace("bind :8405", f"bind 127.0.0.1:{metrics_port}")
+    lines = "".join(f"    server api{i} {server}\n" for i, server in enumerate(servers, 1))
+    text, replaced = re.subn(r"^ *server-template api \d+ api:8000\n", lines, text, flags=re.M)
+    if replaced != 1:
+        raise ValueError(f"no server-template for api in {HAPROXY_CONFIG}")
+    return text
+
+
+@contextlib.contextmanager
+def running_balancer(urls: list[str], folder: Path, start_timeout: float = 60.0) -> Iterator[str]:
+    """Debian's haproxy with `haproxy_config` in front of the services at `urls`; yields its URL once it
+    sends to all of them, and stops it on exit."""
+    binary = shutil.which("haproxy")
+    if binary is None:
+        raise RuntimeError("haproxy not found: apt-get install -y haproxy")
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    config = folder / "haproxy.cfg"
+    config.write_text(haproxy_config([url.removeprefix("http://") for url in urls], *ports))
+    process = subprocess.Popen([binary, "-db", "-f", str(config)], stdout=subprocess.DEVNULL, start_new_session=True)
+    metrics = f"http://127.0.0.1:{ports[1]}/metrics"
+    try:
+        deadline = time.monotonic() + start_timeout
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                text = httpx.get(metrics, timeout=5).text
+                if f'haproxy_backend_active_servers{{proxy="api"}} {len(urls)}\n' in text:
+                    break
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"haproxy did not send to the services (exit code {process.poll()})")
+            time.sleep(0.2)
+        yield f"http://127.0.0.1:{ports[0]}"
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
 
 
 @dataclass

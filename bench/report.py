@@ -40,7 +40,9 @@ AT_LEAST = {
     "gpu_mfu": 0.45,  # gpt2 at 1024 context on one H100
     "vs_best_peer": 1.0,  # issue 14: the engine's decode over the fastest peer's, per precision and batch
     "of_bound": 0.9,  # issue 14: batch-1 decode over the memory-bandwidth bound of its precision
+    "balancer_vs_direct": 0.97,  # issue 24: one client's tokens/s through HAProxy over the replica directly
 }
+BALANCER_TTFT_ADDED_MS = 2.0  # issue 24: at most this much more time to first token at p50 through HAProxy
 GPU_SECONDS_TO_TARGET = 90.0  # gpt2 from scratch to training loss < 0.1 on one H100
 
 
@@ -225,6 +227,43 @@ def serve_rows(serve: dict) -> list[dict]:
             for r in result.get("invariance", [])
         ]  # fmt: skip
     return rows
+
+
+def balancer_rows(records: dict[str, dict]) -> list[dict]:
+    if "balancer" not in records:
+        return []
+    b = records["balancer"]
+    added = b["ttft_p50_added_ms"]
+    return [
+        row(f"Load balancer ({b['preset']}, one client)", f"through HAProxy: {tokens(b['balancer_tok_per_s'])}",
+            f"the replica directly: {tokens(b['direct_tok_per_s'])}", ratio(b["balancer_vs_direct"]),
+            f"≥ {AT_LEAST['balancer_vs_direct']:g}×", b["balancer_vs_direct"] >= AT_LEAST["balancer_vs_direct"]),
+        row(f"Load balancer's time to first token ({b['preset']}, p50)",
+            f"through HAProxy: {b['balancer_ttft_p50_ms']:.1f} ms",
+            f"the replica directly: {b['direct_ttft_p50_ms']:.1f} ms",
+            f"{added:+.1f} ms", f"≤ +{BALANCER_TTFT_ADDED_MS:g} ms", added <= BALANCER_TTFT_ADDED_MS),
+    ]  # fmt: skip
+
+
+def fleet_lines(records: dict[str, dict]) -> list[str]:
+    """What N replicas would serve, worked out from one replica's measured figures."""
+    if "balancer" not in records:
+        return []
+    b = records["balancer"]
+    one = serve_record(records)["presets"].get(b["preset"])
+    if one is None:
+        return []
+    replica = one["batching"]["sixteen_clients_tok_per_s"]
+    fleet = ", ".join(f"{n} replicas {tokens(n * replica * b['balancer_vs_direct'])}" for n in (2, 3, 4, 8))
+    return [
+        "### Past one machine",
+        "",
+        f"Worked out, not measured (two cores cannot hold a fleet): N replicas of {b['preset']}, each on a machine "
+        f"like this one with 16 streaming clients, serve N × {tokens(replica)} (one replica's figure above) times "
+        f"what the balancer keeps of a stream's rate ({ratio(b['balancer_vs_direct'])}): {fleet}. It holds while "
+        "the balancer has cores to spare and every replica gets its share of clients (least connections).",
+        "",
+    ]
 
 
 def invariance_table(decode: dict, serve: dict) -> str:
@@ -444,6 +483,7 @@ def section(
             invariance_table(decode, serve),
             "",
         ]
+    lines += fleet_lines(records)
     lines += gpu_section(gpu, results_dir, readme)
     return "\n".join(lines).rstrip() + "\n"
 
@@ -459,7 +499,8 @@ def replace_section(text: str, body: str) -> str:
 
 def summary_rows(records: dict[str, dict], gpu: dict[str, dict]) -> list[dict]:
     return (train_rows(records["train_throughput"], records["train_quality"]) + decode_rows(records["decode"])
-            + peer_rows(records["decode"]) + serve_rows(serve_record(records)) + gpu_rows(gpu))  # fmt: skip
+            + peer_rows(records["decode"]) + serve_rows(serve_record(records)) + balancer_rows(records)
+            + gpu_rows(gpu))  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -34,6 +34,7 @@ STEPS = {
     "decode": (["bench.bench_decode"], []),
     "serve": (["bench.bench_serve", "--presets", "gpt2", "--sweep-requests", "4"],
               ["--presets", "mini", "gpt2", "--sweep-requests", "32"]),
+    "balancer": (["bench.bench_balancer"], ["--rounds", "8"]),
 }
 
 

@@ -22,6 +22,7 @@ import urllib.request
 from pathlib import Path
 
 import click
+import yaml
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -116,13 +117,17 @@ def own_session_ending_with(parent_pid: int) -> None:
 
 
 def prometheus_config(settings: UpSettings) -> Path:
-    """deploy/prometheus/prometheus.yml with the compose hostnames pointed at local ports."""
-    text = (ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text()
-    text = text.replace('"api:8000"', f'"127.0.0.1:{settings.port}"')
-    text = text.replace('"trainer:9100"', f'"127.0.0.1:{settings.trainer_metrics_port}"')
+    """deploy/prometheus/prometheus.yml for the one API and the trainer on local ports: no replicas to find
+    in Docker's DNS, no load balancer."""
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    local = {"api": f"127.0.0.1:{settings.port}", "trainer": f"127.0.0.1:{settings.trainer_metrics_port}"}
+    config["scrape_configs"] = [
+        {"job_name": job["job_name"], "static_configs": [{"targets": [local[job["job_name"]]]}]}
+        for job in config["scrape_configs"] if job["job_name"] in local
+    ]
     path = settings.run_dir / "prometheus.yml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
 

@@ -53,8 +53,13 @@ def main(argv: list[str]) -> int:
     if apt and ids & {"debian", "ubuntu"} and os.geteuid() == 0:
         print(f"installing {', '.join(packages)} with apt-get (for {', '.join(absent)})", flush=True)
         environment = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run([apt, "update", "-qq"], check=True, env=environment)
-        subprocess.run([apt, "install", "-y", "-qq", *packages], check=True, env=environment, stdout=subprocess.DEVNULL)
+        try:
+            subprocess.run([apt, "update", "-qq"], check=True, env=environment)
+            subprocess.run([apt, "install", "-y", "-qq", *packages], check=True, env=environment, stdout=subprocess.DEVNULL)
+        except subprocess.CalledProcessError:
+            print(f"apt-get could not install {', '.join(packages)} (its reason above); install them, then run again",
+                  file=sys.stderr)
+            return 1
         still = missing(wanted)
         if still:
             print(f"apt-get installed {', '.join(packages)} but {', '.join(still)} is still not on PATH", file=sys.stderr)

@@ -100,6 +100,10 @@ def test_readme_command_runs(command, workdir, service, cache_dir, tmp_path):
         # The compose files as the command combines them, with its environment, and the subcommand itself.
         run(["docker-compose", *options, "config", "-q"], ROOT, env)
         run(["docker-compose", subcommand, "--help"], ROOT, env)
+    elif program == "kubectl":
+        # No cluster here: what `apply -k DIR` would send, composed by kubectl itself (tests/deploy validates it).
+        assert words[1:3] == ["apply", "-k"], command
+        run(["kubectl", "kustomize", words[3]], ROOT, env)
     elif program == "curl":
         address = service.url.removeprefix("http://")
         result = run([word.replace("localhost:8000", address) for word in words], workdir)

@@ -30,8 +30,8 @@ def test_make_test_without_the_programs_stops_before_any_test_naming_them(tmp_pa
     assert result.returncode != 0
     ours = [line for line in result.stderr.splitlines() if not line.startswith("make:")]
     assert len(ours) == 1, result.stderr
-    assert ours[0].startswith("missing programs: promtool, prometheus, docker-compose, chromium; install them first: ")
-    assert "apt-get install chromium docker-compose prometheus" in ours[0]
+    assert ours[0].startswith("missing programs: promtool, prometheus, docker-compose, chromium, haproxy, kubectl; install them first: ")
+    assert "apt-get install chromium docker-compose haproxy kubernetes-client prometheus" in ours[0]
     assert "collected" not in result.stdout + result.stderr  # pytest never started
 
 

@@ -125,3 +125,22 @@ def test_what_batch_invariance_costs_is_reported_beside_the_plain_path(results, 
     assert ("| Batch invariance's price (gpt2, 16 clients) | invariant service: 450 tokens/s "
             "| --no-batch-invariant: 500 tokens/s | 0.90× | reported | — |") in body  # fmt: skip
     assert "Batch invariance's price (mini" not in body  # a record from before it was measured
+
+
+def test_the_balancers_cost_is_judged_and_a_fleet_worked_out_when_measured(results, tmp_path):
+    body = section(write_report(results, tmp_path / "README.md"))
+    assert "Load balancer" not in body and "### Past one machine" not in body  # a suite from before it was measured
+    record = {"benchmark": "balancer", "preset": "gpt2", "direct_tok_per_s": 40.0, "balancer_tok_per_s": 39.2,
+              "balancer_vs_direct": 0.98, "direct_ttft_p50_ms": 50.0, "balancer_ttft_p50_ms": 53.0,
+              "ttft_p50_added_ms": 3.0}  # fmt: skip
+    (results / "balancer.json").write_text(json.dumps(record))
+    suite = json.loads((results / "suite.json").read_text())
+    suite["steps"].append({**suite["steps"][-1], "name": "balancer", "results": ["balancer.json"]})
+    (results / "suite.json").write_text(json.dumps(suite))
+    body = section(write_report(results, tmp_path / "README.md"))
+    assert ("| Load balancer (gpt2, one client) | through HAProxy: 39.2 tokens/s | the replica directly: 40.0 tokens/s "
+            "| 0.98× | ≥ 0.97× | yes |") in body  # fmt: skip
+    assert ("| Load balancer's time to first token (gpt2, p50) | through HAProxy: 53.0 ms "
+            "| the replica directly: 50.0 ms | +3.0 ms | ≤ +2 ms | **no** |") in body  # fmt: skip
+    # The fixture's gpt2 replica serves 16 clients at 140.5 tokens/s: three replicas 3 × 140.5 × 0.98.
+    assert "Worked out, not measured" in body and "3 replicas 413 tokens/s" in body

@@ -1,5 +1,6 @@
 """`docker compose up` proven end to end: the image built from deploy/Dockerfile, and the stack of
-docker-compose.yml (api, trainer, prometheus; Grafana cannot be had offline) run on a private engine.
+docker-compose.yml (api replicas behind the lb, trainer, prometheus; Grafana cannot be had offline) run on a
+private engine.
 
 `make test-compose` runs this file; its name keeps it out of `make test`. The checks run in order on one
 stack, as a user meets it: build, up, train and serve, watch, stop, resume, a one-off run, down; the
@@ -8,6 +9,7 @@ whole sequence once with Debian's docker-compose 1.29 and once with Compose v2 (
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -29,7 +31,7 @@ from composekit import (
     private_engine,
     require_tools,
 )
-from servicekit import free_port, wait_for
+from servicekit import Scrape, free_port, wait_for
 
 from model.checkpoint import read_checkpoint
 
@@ -53,27 +55,40 @@ TRAINER_ENV = {
     "TRAINER_COMPILE": "false",
     "OMP_NUM_THREADS": "1",  # a core left for the API on a two-core machine
 }
-API_ENV = {"SERVICE_POLL_INTERVAL": "0.5", "SERVICE_MAX_NEW_TOKENS": "4000"}
+# fp32 everywhere: --dtype auto times each precision at load, and replicas could choose differently.
+API_ENV = {"SERVICE_POLL_INTERVAL": "0.5", "SERVICE_MAX_NEW_TOKENS": "4000", "SERVICE_DTYPE": "fp32"}
+REPLICAS = 3
 
 
 class Stack:
+    """`api` is the load balancer's address on the host, the API's port; replicas are reached directly
+    through the project network's bridge."""
+
     def __init__(self, compose: Compose, api: str, prometheus: str):
         self.compose, self.api, self.prometheus = compose, api, prometheus
 
     def diagnosis(self) -> str:
         """What a failure message needs: each container's state and mounts, and the last log lines."""
         lines = []
-        for service in ("api", "trainer", "prometheus"):
+        for service in ("api", "lb", "trainer", "prometheus"):
             ids = self.compose.run("ps", "-a", "-q", service).stdout.split()
             for info in self.compose.engine.inspect("container", *ids) if ids else []:
                 mounts = ", ".join(f"{m.get('Name') or m['Source']} -> {m['Destination']}" for m in info["Mounts"])
                 state = info["State"]
                 lines.append(f"{service}: {state['Status']} (exit {state['ExitCode']}); mounts: {mounts}")
-        return "\n".join(lines) + "\n" + self.compose.logs("api", "trainer", "prometheus")
+        return "\n".join(lines) + "\n" + self.compose.logs("api", "lb", "trainer", "prometheus")
 
-    def health(self) -> httpx.Response | None:
+    def replicas(self) -> list[str]:
+        """The address of every running api replica."""
+        running = [c for c in self.compose.containers("api") if c["State"]["Running"]]
+        return [self.compose.address(c, 8000) for c in running]
+
+    def health(self, replica: str | None = None) -> httpx.Response | None:
+        """/health of `replica`, or of the one replica (the balancer would answer for whichever is ready)."""
+        if replica is None:
+            replica = self.compose.address(self.compose.container("api"), 8000)
         try:
-            return httpx.get(f"{self.api}/health", timeout=10)
+            return httpx.get(f"{replica}/health", timeout=10)
         except httpx.TransportError:
             return None
 
@@ -92,6 +107,39 @@ class Stack:
         """Wait until the API serves a model; return /health's worker entry."""
         body = self.wait_health(lambda r: r.status_code == 200, timeout, "the API to serve a checkpoint")
         return body["workers"][0]
+
+    def fleet_serving(self, replicas: int, step: int | None = None, timeout: float = 300) -> int:
+        """Wait until `replicas` replicas all serve one checkpoint (`step` if given) and the balancer sends
+        to every one of them; return the step."""
+
+        def same():
+            urls = self.replicas()
+            answers = [self.health(url) for url in urls]
+            if len(urls) != replicas or any(a is None or a.status_code != 200 for a in answers):
+                return False
+            steps = {w["step"] for a in answers for w in a.json()["workers"]}
+            return len(steps) == 1 and step in (None, *steps) and self.balanced() == replicas and steps.pop()
+
+        try:
+            return wait_for(same, timeout, interval=0.5, message=f"{replicas} replicas to serve checkpoint {step}")
+        except pytest.fail.Exception as e:
+            seen = {url: (r := self.health(url)) is not None and r.text for url in self.replicas()}
+            pytest.fail(f"{e}; /health: {seen}\n{self.diagnosis()}")
+
+    def balanced(self) -> int:
+        """Replicas the balancer sends to (their /health checks pass)."""
+        metrics = self.compose.address(self.compose.container("lb"), 8405)
+        try:
+            return int(Scrape(httpx.get(f"{metrics}/metrics", timeout=10).text).get(
+                "haproxy_backend_active_servers", proxy="api"))  # fmt: skip
+        except httpx.TransportError:
+            return 0
+
+    def answered(self, replica: str) -> float:
+        """/predict requests a replica has answered."""
+        scrape = Scrape(httpx.get(f"{replica}/metrics", timeout=10).text)
+        return sum(v for (name, labels), v in scrape.samples.items()
+                   if name == "gpt_requests_total" and ("endpoint", "/predict") in labels)  # fmt: skip
 
     def predict(self, **body) -> dict:
         response = httpx.post(f"{self.api}/predict", json=body, timeout=120)
@@ -162,17 +210,18 @@ def test_the_image_builds_from_the_dockerfile(stack):
 
 
 def test_the_api_answers_503_until_a_checkpoint_exists(stack):
-    stack.compose.ok("up", "-d", "api")
+    stack.compose.ok("up", "-d", "lb")  # and the api it depends on
     body = stack.wait_health(lambda r: r.status_code == 503, 180, "the API to start, waiting for a checkpoint")
     assert body["status"] == "waiting" and "waiting for a checkpoint in /checkpoints" in body["message"], body
+    # The balancer sends nothing to a replica whose /health fails: the answer is its own 503.
     response = httpx.post(f"{stack.api}/predict", json={"prompt": "Hello"}, timeout=30)
-    assert response.status_code == 503, response.text
+    assert response.status_code == 503 and "No server is available" in response.text, response.text
     assert stack.compose.container("api")["State"]["Health"]["Status"] != "healthy"
 
 
 def test_the_trainer_publishes_into_the_volume_the_api_serves_without_a_restart(stack):
     before = stack.compose.container("api")
-    stack.compose.ok("up", "-d", "api", "trainer", "prometheus")
+    stack.compose.ok("up", "-d", "api", "lb", "trainer", "prometheus")
     api, trainer = stack.compose.container("api"), stack.compose.container("trainer")
     volumes = {
         name: {m["Destination"]: (m.get("Name"), m["RW"]) for m in info["Mounts"]}
@@ -224,20 +273,20 @@ def dashboard_query(title: str) -> str:
     return panel["targets"][0]["expr"].replace("$__rate_interval", "1m")
 
 
-def test_prometheus_scrapes_both_targets_and_answers_the_dashboard(stack):
+def test_prometheus_scrapes_every_target_and_answers_the_dashboard(stack):
     def targets():
         response = httpx.get(f"{stack.prometheus}/api/v1/targets", timeout=10)
         return {t["labels"]["job"]: t for t in response.json()["data"]["activeTargets"]}
 
-    def both_up():
+    def every_up():
         try:
             found = targets()
         except httpx.TransportError:
             return False
-        return set(found) == {"api", "trainer"} and all(t["health"] == "up" for t in found.values())
+        return set(found) == {"api", "lb", "trainer"} and all(t["health"] == "up" for t in found.values())
 
     try:
-        wait_for(both_up, 120, interval=1.0, message="Prometheus to scrape the api and trainer targets")
+        wait_for(every_up, 120, interval=1.0, message="Prometheus to scrape the api, lb and trainer targets")
     except pytest.fail.Exception as e:
         found = {job: (t["scrapeUrl"], t["health"], t["lastError"]) for job, t in targets().items()}
         pytest.fail(f"{e}: {found}")
@@ -304,7 +353,7 @@ def test_the_trainer_writes_last_pt_on_sigterm_and_resumes_from_it(stack, tmp_pa
     stack.compose.engine.docker("cp", f"{trainer['Id']}:/checkpoints/last.pt", str(tmp_path / "last.pt"))
     step = read_checkpoint(tmp_path / "last.pt")["step"]
 
-    stack.compose.ok("up", "-d", "api", "trainer", "prometheus")
+    stack.compose.ok("up", "-d", "api", "lb", "trainer", "prometheus")
     wait_for(
         lambda: f"resuming at step {step}," in stack.compose.logs("trainer", tail="all"), 180, interval=2.0,
         message=f"the trainer to resume from last.pt at step {step}",
@@ -330,6 +379,178 @@ def test_a_one_off_trainer_run_completes_and_its_checkpoint_is_served(stack):
     oneoff = "label=com.docker.compose.oneoff=True"
     left = stack.compose.engine.docker("ps", "-a", "-q", "--filter", label, "--filter", oneoff)
     assert not left.stdout.split(), "`run --rm` left its container behind"
+
+
+class Traffic:
+    """Short requests through the balancer from a few clients, each one after another, until stopped:
+    what was answered (by checkpoint step) and every failure."""
+
+    def __init__(self, url: str, clients: int = 3):
+        self.url, self.done = url, threading.Event()
+        self.steps: list[int] = []
+        self.failures: list[str] = []
+        self.threads = [threading.Thread(target=self._client, args=(c,), daemon=True) for c in range(clients)]
+        for thread in self.threads:
+            thread.start()
+
+    def _client(self, client: int) -> None:
+        with httpx.Client(base_url=self.url, timeout=120) as http:
+            for i in itertools.count():
+                if self.done.is_set():
+                    return
+                try:
+                    response = http.post("/predict", json={"prompt": f"Traffic {client}.{i}", "max_new_tokens": 4})
+                except httpx.HTTPError as e:
+                    self.failures.append(repr(e))
+                    continue
+                if response.status_code == 200:
+                    self.steps.append(response.json()["model"]["step"])
+                else:
+                    self.failures.append(f"{response.status_code}: {response.text[:200]}")
+
+    def more(self, count: int, message: str) -> None:
+        """Wait until `count` more requests have been answered."""
+        target = len(self.steps) + count
+        wait_for(lambda: len(self.steps) >= target or self.failures, 300, interval=0.2, message=message)
+
+    def stop(self) -> list[int]:
+        self.done.set()
+        for thread in self.threads:
+            thread.join(180)
+        assert not self.failures, f"{len(self.failures)} requests failed: {self.failures[:5]}"
+        return self.steps
+
+
+def streamed_text(events: list) -> str:
+    return "".join(json.loads(e).get("text", "") for e in events[1:-1])
+
+
+def test_three_replicas_share_30_concurrent_streams_each_the_text_of_its_solo_run(stack):
+    # The trainer is stopped (the one-off run above): one checkpoint, so every replica computes alike.
+    stack.compose.ok("up", "-d", "--scale", f"api={REPLICAS}", "api", "lb")
+    stack.fleet_serving(REPLICAS)
+    bodies = [{"prompt": f"Replica {i}", "max_new_tokens": 24, "temperature": 0.8, "seed": i} for i in range(30)]
+    solo = [stack.predict(**body)["text"] for body in bodies]
+    before = {url: stack.answered(url) for url in stack.replicas()}
+    streams = [([], threading.Event()) for _ in bodies]
+    clients = [threading.Thread(target=stack.stream, args=stream, kwargs=body) for stream, body in zip(streams, bodies)]
+    for client in clients:
+        client.start()
+    for client in clients:
+        client.join(300)
+    assert all(events[-1:] == ["[DONE]"] for events, _ in streams), [events[-2:] for events, _ in streams]
+    assert [streamed_text(events) for events, _ in streams] == solo
+    served = {url: stack.answered(url) - before[url] for url in before}
+    assert sum(served.values()) == len(bodies) and all(served.values()), served
+
+
+def test_prometheus_finds_every_replica_in_dns_and_answers_the_fleet_panels(stack):
+    def replicas_up():
+        response = httpx.get(f"{stack.prometheus}/api/v1/targets", timeout=10)
+        targets = response.json()["data"]["activeTargets"]
+        api = [t["health"] for t in targets if t["labels"]["job"] == "api"]
+        lb = [t["health"] for t in targets if t["labels"]["job"] == "lb"]
+        return api == ["up"] * REPLICAS and lb == ["up"]
+
+    wait_for(replicas_up, 120, interval=1.0, message=f"Prometheus to scrape {REPLICAS} api replicas and the lb")
+    for i in range(2 * REPLICAS):
+        stack.predict(prompt=f"Fleet {i}", max_new_tokens=8)
+    expected = {
+        "API replicas": lambda values: values == [REPLICAS, REPLICAS],
+        "Output tokens/s by replica": lambda values: len(values) == REPLICAS,
+        "Served checkpoint step by replica": lambda values: len(values) == REPLICAS and len(set(values)) == 1,
+        "Load balancer requests/s by status": lambda values: any(v > 0 for v in values),
+        "Load balancer errors/s": lambda values: len(values) == 4,
+    }
+    panels = {p["title"]: p for p in json.loads(DASHBOARD.read_text())["panels"]}
+    for title, check in expected.items():
+        exprs = [t["expr"].replace("$__rate_interval", "1m") for t in panels[title]["targets"]]
+
+        def answered(exprs=exprs, check=check):
+            values = [float(r["value"][1]) for expr in exprs for r in stack.query(expr)]
+            return all(math.isfinite(v) for v in values) and check(values)
+
+        wait_for(answered, 90, interval=1.0, message=f"panel {title!r} ({exprs}) to show the fleet")
+
+
+def test_every_replica_moves_to_a_new_checkpoint_with_no_failed_request(stack):
+    before = stack.fleet_serving(REPLICAS)
+    traffic = Traffic(stack.api)
+    try:
+        output = stack.compose.ok(
+            "run", "--rm", "-T", "trainer",
+            "trainer", "fit", "--steps", "30", "--eval-interval", "15", "--no-resume", "--seed", "11",
+            "--data", "builtin:pydoc", "--out", "/checkpoints",
+        )  # fmt: skip
+        saved = [int(line.rsplit("step ", 1)[1].split(")")[0]) for line in output.splitlines()
+                 if line.startswith("Saved best model")]  # fmt: skip
+        step = saved[-1]
+        assert step != before
+        # /health of every replica names the new checkpoint, and the balancer sends to all of them.
+        stack.fleet_serving(REPLICAS, step)
+        traffic.more(10, "requests answered on the new checkpoint")
+    finally:
+        steps = traffic.stop()
+    # Each publication of the run was served in turn; the last request got the last one.
+    assert set(steps) <= {before, *saved} and steps[-1] == step, (saved, steps)
+
+
+def test_scaling_to_one_replica_and_back_loses_no_request(stack):
+    step = stack.fleet_serving(REPLICAS)
+    traffic = Traffic(stack.api)
+    try:
+        traffic.more(5, "requests answered before scaling down")
+        stack.compose.ok("up", "-d", "--scale", "api=1", "api")
+        assert len(stack.replicas()) == 1
+        traffic.more(10, "requests answered by the one replica left")
+        stack.compose.ok("up", "-d", "--scale", f"api={REPLICAS}", "api")
+        stack.fleet_serving(REPLICAS, step)
+        traffic.more(10, "requests answered after scaling back up")
+    finally:
+        traffic.stop()
+
+
+def test_a_replica_killed_mid_stream_fails_only_its_own_streams(stack):
+    stack.fleet_serving(REPLICAS)
+    began = time.monotonic()
+    rate = stack.predict(prompt="Warm", max_new_tokens=200, seed=2)["usage"]["completion_tokens"] / (
+        time.monotonic() - began
+    )
+    body = {"prompt": "Kill", "max_new_tokens": int(min(max(rate * STREAM_SECONDS, 200), 4000)), "seed": 4}
+    streams = [([], threading.Event()) for _ in range(2 * REPLICAS)]
+    errors: dict[int, Exception] = {}
+
+    def client(i: int) -> None:
+        try:
+            stack.stream(*streams[i], **body)
+        except httpx.HTTPError as e:
+            errors[i] = e
+
+    clients = [threading.Thread(target=client, args=(i,)) for i in range(len(streams))]
+    for thread in clients:
+        thread.start()
+    assert all(first.wait(120) for _, first in streams), "the streams never started"
+    victim = stack.compose.containers("api")[0]
+    address = stack.compose.address(victim, 8000)
+    running = Scrape(httpx.get(f"{address}/metrics", timeout=10).text).get("gpt_num_requests_running")
+    os.kill(victim["State"]["Pid"], signal.SIGKILL)
+    for thread in clients:
+        thread.join(300)
+    # The killed replica's streams end cut, which the client sees (no [DONE], an incomplete chunked body);
+    # every other stream finishes.
+    assert len(errors) == running > 0, (running, errors)
+    assert all(isinstance(e, (httpx.RemoteProtocolError, httpx.ReadError)) for e in errors.values()), errors
+    for i, (events, _) in enumerate(streams):
+        if i not in errors:
+            assert events[-1] == "[DONE]" and json.loads(events[-2])["finish_reason"] == "length", events[-2:]
+    # New requests go to the replicas left: a connection to the dead one is retried on another.
+    traffic = Traffic(stack.api)
+    try:
+        traffic.more(20, "requests answered after the kill")
+    finally:
+        traffic.stop()
+    # Docker starts the killed replica again (restart: unless-stopped), and it serves.
+    stack.fleet_serving(REPLICAS)
 
 
 def test_down_leaves_nothing_of_the_project(stack):

@@ -158,6 +158,7 @@ class Rootfs:
 
 PYTHON_ROOTFS = Rootfs(("python3.11", "python3-pip", "python3-venv", "python-is-python3", "ca-certificates"))
 PROMETHEUS_ROOTFS = Rootfs(("prometheus",))
+HAPROXY_ROOTFS = Rootfs(("haproxy",))
 
 
 def ensure_rootfs(workdir: Path, *wanted: Rootfs) -> None:
@@ -234,6 +235,19 @@ CMD ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prome
 """
 
 
+# The official image's layout: the configuration in /usr/local/etc/haproxy, run as user haproxy in the
+# foreground under its master process (the entry point adds -W -db), soft-stopped by SIGUSR1.
+HAPROXY_STANDIN = """\
+FROM scratch
+ADD rootfs.tar /
+RUN mkdir -p /usr/local/etc/haproxy
+USER haproxy
+STOPSIGNAL SIGUSR1
+ENTRYPOINT ["haproxy", "-W", "-db"]
+CMD ["-f", "/usr/local/etc/haproxy/haproxy.cfg"]
+"""
+
+
 def build_standin(engine: Engine, tag: str, rootfs: Rootfs, dockerfile: str, files: dict[str, Path]) -> None:
     context = Path(tempfile.mkdtemp(prefix="standin-", dir=engine.folder))
     try:
@@ -252,18 +266,19 @@ def build_standin(engine: Engine, tag: str, rootfs: Rootfs, dockerfile: str, fil
         shutil.rmtree(context)
 
 
-def base_images() -> tuple[str, str]:
-    """The names the product pulls: the Dockerfile's FROM and the prometheus service's image."""
+def base_images() -> tuple[str, str, str]:
+    """The names the product pulls: the Dockerfile's FROM and the prometheus and lb services' images."""
     python = re.search(r"^FROM\s+(\S+)", DOCKERFILE.read_text(), flags=re.MULTILINE).group(1)
-    prometheus = yaml.safe_load(COMPOSE_FILE.read_text())["services"]["prometheus"]["image"]
-    return python, prometheus
+    services = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
+    return python, services["prometheus"]["image"], services["lb"]["image"]
 
 
 def build_standins(engine: Engine) -> None:
-    ensure_rootfs(engine.folder, PYTHON_ROOTFS, PROMETHEUS_ROOTFS)
-    python, prometheus = base_images()
+    ensure_rootfs(engine.folder, PYTHON_ROOTFS, PROMETHEUS_ROOTFS, HAPROXY_ROOTFS)
+    python, prometheus, haproxy = base_images()
     build_standin(engine, python, PYTHON_ROOTFS, PYTHON_STANDIN, {**host_pip_files(), **tiktoken_files()})
     build_standin(engine, prometheus, PROMETHEUS_ROOTFS, PROMETHEUS_STANDIN, {})
+    build_standin(engine, haproxy, HAPROXY_ROOTFS, HAPROXY_STANDIN, {})
 
 
 # The torch index the image's build argument points at.
@@ -393,9 +408,19 @@ class Compose:
 
     def container(self, service: str) -> dict:
         """`docker inspect` of the service's one container (running or stopped)."""
+        [only] = self.containers(service, expected=1)
+        return only
+
+    def containers(self, service: str, expected: int | None = None) -> list[dict]:
+        """`docker inspect` of the service's containers (replicas of a scaled service), running or stopped."""
         ids = self.ok("ps", "-a", "-q", service).split()
-        assert len(ids) == 1, f"expected one {service} container, found {ids}"
-        return self.engine.inspect("container", ids[0])[0]
+        assert expected is None or len(ids) == expected, f"expected {expected} {service} containers, found {ids}"
+        return self.engine.inspect("container", *ids) if ids else []
+
+    def address(self, container: dict, port: int) -> str:
+        """http://IP:PORT of a container on the project's network, which this host reaches through its bridge."""
+        [network] = container["NetworkSettings"]["Networks"].values()
+        return f"http://{network['IPAddress']}:{port}"
 
     def logs(self, *services: str, tail: int | str = 40) -> str:
         return self.run("logs", "--no-color", "--timestamps", f"--tail={tail}", *services).stdout

@@ -6,11 +6,14 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 import httpx
 import processes
 import pytest
+import yaml
+from lbkit import start_haproxy
 from servicekit import free_port, publish, start_service, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,7 +37,8 @@ def panel_queries() -> list[tuple[str, str, str]]:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, up_module):
-    """Service and trainer with traffic, errors and a reload behind them, scraped every second."""
+    """Service, trainer and the load balancer in front of the service, with traffic, errors and a reload
+    behind them, scraped every second."""
     tmp = tmp_path_factory.mktemp("stack")
     checkpoints = tmp / "checkpoints"
     publish(checkpoints, step=10, val_loss=3.0)
@@ -49,8 +53,12 @@ def stack(tmp_path_factory, up_module):
     )  # fmt: skip
     settings = up_module.UpSettings(run_dir=tmp, port=int(service.url.rsplit(":", 1)[1]),
                                     trainer_metrics_port=trainer_port)
+    balancer = start_haproxy(tmp, service)
     config = up_module.prometheus_config(settings)
-    config.write_text(re.sub(r"(scrape|evaluation)_interval: \w+", r"\1_interval: 1s", config.read_text()))
+    scrapes = yaml.safe_load(config.read_text())
+    lb = urllib.parse.urlsplit(balancer.metrics_url).netloc
+    scrapes["scrape_configs"].append({"job_name": "lb", "static_configs": [{"targets": [lb]}]})
+    config.write_text(re.sub(r"(scrape|evaluation)_interval: \w+", r"\1_interval: 1s", yaml.safe_dump(scrapes)))
     prometheus_port = free_port()
     prometheus = processes.spawn(
         [shutil.which("prometheus") or pytest.fail("prometheus not found: apt-get install -y prometheus"),
@@ -66,11 +74,14 @@ def stack(tmp_path_factory, up_module):
             with client.stream("POST", "/predict", json={"prompt": "Hi", "max_new_tokens": 8, "stream": True}) as r:
                 assert r.status_code == 200 and r.read()
             assert client.post("/predict", json={"prompt": ""}).status_code == 422
+        with httpx.Client(base_url=balancer.url, timeout=60) as client:
+            for i in range(3):
+                assert client.post("/predict", json={"prompt": f"Via {i}", "max_new_tokens": 8}).status_code == 200
         publish(checkpoints, step=20, val_loss=2.5, seed=1)
         service.wait_serving(20)
         yield f"http://127.0.0.1:{prometheus_port}", started
     finally:
-        for process in (prometheus, trainer):
+        for process in (prometheus, trainer, balancer.process):
             process.terminate()
             process.wait(timeout=60)
         service.stop()
@@ -102,7 +113,7 @@ def test_every_panel_query_returns_data(stack):
     assert not missing, f"panels whose query returned no data: {missing}"
 
 
-def test_the_dashboard_shows_the_served_checkpoint_and_both_scrape_targets(stack):
+def test_the_dashboard_shows_the_served_checkpoint_and_every_scrape_target(stack):
     prometheus, _ = stack
 
     def served_step():
@@ -111,4 +122,4 @@ def test_the_dashboard_shows_the_served_checkpoint_and_both_scrape_targets(stack
 
     wait_for(served_step, timeout=30, interval=1.0, message="the served step to reach Prometheus")
     jobs = {r["metric"]["job"]: r["value"][1] for r in query(prometheus, "up")}
-    assert jobs == {"api": "1", "trainer": "1"}
+    assert jobs == {"api": "1", "lb": "1", "trainer": "1"}

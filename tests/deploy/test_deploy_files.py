@@ -22,10 +22,10 @@ def mounts(service: dict) -> dict[str, str]:
     return {v.split(":")[1]: v.split(":")[0] for v in service["volumes"]}
 
 
-def test_compose_file_validates_with_the_four_services_volumes_and_grace_periods():
+def test_compose_file_validates_with_the_five_services_volumes_and_grace_periods():
     config = compose_config("docker-compose.yml")
     services = config["services"]
-    assert set(services) == {"api", "trainer", "prometheus", "grafana"}
+    assert set(services) == {"api", "lb", "trainer", "prometheus", "grafana"}
     assert set(config["volumes"]) == {"checkpoints", "prometheus-data", "grafana-data"}
     api, trainer = services["api"], services["trainer"]
     # A finished training run stays stopped instead of being restarted into an immediate exit, forever.
@@ -34,12 +34,16 @@ def test_compose_file_validates_with_the_four_services_volumes_and_grace_periods
     assert api["command"][:2] == ["service", "serve"] and "8000" in api["command"]
     assert "exec trainer fit" in " ".join(trainer["command"]) and trainer["environment"]["TRAINER_STEPS"] == "5000"
     published = {name: [p["published"] for p in s.get("ports", [])] for name, s in services.items()}
-    assert published == {"api": [8000], "trainer": [], "prometheus": [9090], "grafana": [3000]}
+    # The API's port belongs to the load balancer: replicas publishing their own would collide.
+    assert published == {"api": [], "lb": [8000], "trainer": [], "prometheus": [9090], "grafana": [3000]}
     assert mounts(api)["/checkpoints"] == mounts(trainer)["/checkpoints"] == "checkpoints"
     assert api["volumes"][0].endswith(":ro")
     assert "/health" in " ".join(api["healthcheck"]["test"])
     # Seconds: the trainer must finish a step and write last.pt; the API drains its requests.
     assert api["stop_grace_period"] == "45s" and trainer["stop_grace_period"] == "120s"
+    # HAProxy's soft stop lets the streams it carries finish; SIGTERM would cut them.
+    lb = services["lb"]
+    assert lb["stop_signal"] == "SIGUSR1" and lb["stop_grace_period"] == "45s" and set(lb["depends_on"]) == {"api"}
     grafana = services["grafana"]["environment"]
     assert grafana["GF_AUTH_ANONYMOUS_ENABLED"] == "true" and "GF_SECURITY_ADMIN_PASSWORD" in grafana
 
@@ -61,7 +65,12 @@ def test_prometheus_configs_pass_promtool(up_module, tmp_path):
     for path in (compose, local):
         result = processes.run(["promtool", "check", "config", str(path)], capture_output=True, text=True)
         assert result.returncode == 0, result.stdout + result.stderr
-    assert '"127.0.0.1:18000"' in local.read_text() and '"127.0.0.1:19100"' in local.read_text()
+    jobs = {job["job_name"]: job for job in yaml.safe_load(compose.read_text())["scrape_configs"]}
+    # The compose stack finds every api replica in Docker's DNS; make up has one API and no load balancer.
+    assert jobs["api"]["dns_sd_configs"] == [{"names": ["api"], "type": "A", "port": 8000, "refresh_interval": "5s"}]
+    assert jobs["lb"]["static_configs"] == [{"targets": ["lb:8405"]}]
+    local_jobs = {job["job_name"]: job["static_configs"] for job in yaml.safe_load(local.read_text())["scrape_configs"]}
+    assert local_jobs == {"api": [{"targets": ["127.0.0.1:18000"]}], "trainer": [{"targets": ["127.0.0.1:19100"]}]}
 
 
 def test_image_runs_as_non_root_with_a_healthcheck_and_an_offline_tokenizer():
