@@ -24,9 +24,14 @@ def bare_path(tmp_path: Path) -> str:
     return str(folder)
 
 
+def fresh_shell() -> dict[str, str]:
+    """This environment as a user's shell has it, not as the `make test` running these tests passes it on."""
+    return {key: value for key, value in os.environ.items() if key not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+
+
 def test_make_test_without_the_programs_stops_before_any_test_naming_them(tmp_path):
     result = processes.run(["make", "--no-print-directory", "test"], cwd=ROOT, timeout=120, capture_output=True,
-                           text=True, env={**os.environ, "PATH": bare_path(tmp_path)})  # fmt: skip
+                           text=True, env={**fresh_shell(), "PATH": bare_path(tmp_path)})  # fmt: skip
     assert result.returncode != 0
     ours = [line for line in result.stderr.splitlines() if not line.startswith("make:")]
     assert len(ours) == 1, result.stderr

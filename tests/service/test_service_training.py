@@ -2,7 +2,7 @@
 
 Against the shared service (its checkpoint folder gets a metrics.jsonl of the tests' making, removed
 after), and the reader itself over long files, where each step must cost a bounded amount of work.
-(Hostile files, a FIFO, a 200,000-deep line, a log that grows under load: tests/reliability/test_reliability_run_folder.py.)
+(Hostile files, a FIFO, a 200,000-deep line, a log that grows under load: tests/reliability/test_reliability_training_log.py.)
 """
 
 from __future__ import annotations
