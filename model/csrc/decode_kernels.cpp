@@ -31,7 +31,7 @@
 namespace {
 
 constexpr int64_t BLOCK = 64;   // outputs per packed block
-constexpr int64_t CHUNK = 128;  // k per pass over a block: its weights stay in L1 while every row tile reads them
+constexpr int64_t CHUNK_BYTES = 32 << 10;  // weights per pass over a block: in L1 while every row tile reads them
 constexpr int TILE = 4;         // rows sharing one load of weights
 
 enum Path : int64_t { SCALAR = 0, AVX2 = 1, AVX512 = 2, AVX512_DOT = 3 };
@@ -181,9 +181,10 @@ __attribute__((target("avx512f,avx512bw,fma"))) void bf16_avx512(const float* x,
 }
 
 // vdpbf16ps multiplies bf16 by bf16. To keep fp32 activations, each pair of x goes in twice: its bf16
-// rounding (hi) and the bf16 of what that rounding left (lo), about 16 bits of x in all. `xp` holds,
-// per row, K/2 hi pairs then K/2 lo pairs, each pair one 32-bit word.
-template <int R>
+// rounding (hi) and the bf16 of what that rounding left (lo), about 16 bits of x in all; x that is
+// bf16 already leaves nothing (LO false: one pass). `xp` holds, per row, K/2 hi pairs then K/2 lo
+// pairs, each pair one 32-bit word.
+template <int R, bool LO>
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) void bf16_avx512_dot(const uint32_t* xp, int64_t ldx,
                                                                             const uint16_t* w, int64_t k0,
                                                                             int64_t k1, float* acc) {
@@ -200,7 +201,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void bf16_avx512_dot(cons
       __m512bh lo = (__m512bh)_mm512_set1_epi32(int32_t(xp[r * ldx + half + k / 2]));
       for (int v = 0; v < 4; v++) {
         a[r][v] = _mm512_dpbf16_ps(a[r][v], hi, (__m512bh)wv[v]);
-        a[r][v] = _mm512_dpbf16_ps(a[r][v], lo, (__m512bh)wv[v]);
+        if (LO) a[r][v] = _mm512_dpbf16_ps(a[r][v], lo, (__m512bh)wv[v]);
       }
     }
   }
@@ -302,9 +303,10 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void int8_avx512_dot(cons
 
 // Calls tile.template operator()<R>(first row, k0, k1, acc) over every row tile and k chunk of one block.
 template <typename Tile>
-void over_tiles(int64_t rows, int64_t K, const Tile& tile) {
-  for (int64_t k0 = 0; k0 < K; k0 += CHUNK) {
-    int64_t k1 = std::min(K, k0 + CHUNK);
+void over_tiles(int64_t rows, int64_t K, int64_t weight_bytes, const Tile& tile) {
+  const int64_t chunk = CHUNK_BYTES / (BLOCK * weight_bytes);
+  for (int64_t k0 = 0; k0 < K; k0 += chunk) {
+    int64_t k1 = std::min(K, k0 + chunk);
     int64_t r = 0;
     for (; r + TILE <= rows; r += TILE) tile.template operator()<TILE>(r, k0, k1);
     switch (rows - r) {
@@ -358,6 +360,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
   const float* xs = xf.data_ptr<float>();
 
   if (kind == at::kFloat || kind == at::kBFloat16) {
+    // The same per-call choice for every row: a row's bits still do not depend on the row count.
+    const bool exact_bf16 = x.scalar_type() == at::kBFloat16;
     std::vector<uint32_t> pairs;
     if (kind == at::kBFloat16 && path == AVX512_DOT) {
       pairs.resize(rows * K);  // per row: K/2 hi pairs, K/2 lo pairs
@@ -374,15 +378,17 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
       std::vector<float> acc(rows * BLOCK);
       for (int64_t nb = first; nb < last; nb++) {
         std::fill(acc.begin(), acc.end(), 0.0f);
-        over_tiles(rows, K, [&]<int R>(int64_t r, int64_t k0, int64_t k1) {
+        over_tiles(rows, K, weight.element_size(), [&]<int R>(int64_t r, int64_t k0, int64_t k1) {
           float* a = acc.data() + r * BLOCK;
           if (kind == at::kFloat) {
             const float* w = weight.data_ptr<float>() + nb * K * BLOCK;
             PICK_PATH(path, f32, R, xs + r * K, K, w, k0, k1, a)
           } else {
             const uint16_t* w = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>()) + nb * K * BLOCK;
-            if (path == AVX512_DOT)
-              bf16_avx512_dot<R>(pairs.data() + r * K, K, w, k0, k1, a);
+            if (path == AVX512_DOT && exact_bf16)
+              bf16_avx512_dot<R, false>(pairs.data() + r * K, K, w, k0, k1, a);
+            else if (path == AVX512_DOT)
+              bf16_avx512_dot<R, true>(pairs.data() + r * K, K, w, k0, k1, a);
             else
               PICK_PATH(path, bf16, R, xs + r * K, K, w, k0, k1, a)
           }
@@ -423,7 +429,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
     for (int64_t nb = first; nb < last; nb++) {
       std::fill(acc.begin(), acc.end(), 0);
       const int8_t* w = weight.data_ptr<int8_t>() + nb * K * BLOCK;
-      over_tiles(rows, K, [&]<int R>(int64_t r, int64_t k0, int64_t k1) {
+      over_tiles(rows, K, 1, [&]<int R>(int64_t r, int64_t k0, int64_t k1) {
         int32_t* a = acc.data() + r * BLOCK;
         if (path == AVX512_DOT)
           int8_avx512_dot<R>(quads.data() + r * K / 4, K / 4, w, k0, k1, a);
