@@ -13,7 +13,7 @@ endif
 
 .PHONY: install test test-compose up bench bench-env soak
 
-install: $(STAMP)
+install: $(STAMP) $(VENV)/.kernels
 
 # Reinstall only when the project's metadata changes, so `make install` is cheap to repeat.
 $(STAMP): pyproject.toml
@@ -21,6 +21,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
+
+# Our decode kernels (model/csrc), compiled once with the system's C++ compiler. Without one the step
+# says so and the model runs on torch's kernels (model/native.py).
+$(VENV)/.kernels: $(STAMP) model/csrc/decode_kernels.cpp
+	MAX_JOBS=1 $(BIN)/python -m model.native_build
+	touch $@
 
 test: install
 	$(BIN)/python -m pytest

@@ -1,6 +1,6 @@
 """Our decode kernels (model/csrc/decode_kernels.cpp): building them, loading them, choosing their path.
 
-    python -m model.native build    # what `make install` and the Docker image run
+    python -m model.native_build    # what `make install` and the Docker image run
 
 The extension registers torch custom ops (torch.ops.gpt_kernels.*), so the profiler and torch.compile
 see them. It is optional: where it was not built (no C++ compiler) or fails to load, `status()` says
@@ -8,6 +8,7 @@ why, once in the log, and the model runs on torch's kernels as before.
 
 A path is one instruction set the kernels are compiled for: the best one the CPU has is used, unless
 GPT_KERNEL_ISA or `use_path` names another (tests run every path the CPU has this way).
+GPT_KERNEL_ISA=none leaves the extension unloaded: torch's kernels, as on a machine without it.
 """
 
 from __future__ import annotations
@@ -15,9 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import sys
 import sysconfig
-import tempfile
 from pathlib import Path
 
 import torch
@@ -40,34 +39,17 @@ def library_path() -> Path:
     return Path(__file__).parent / (LIBRARY + sysconfig.get_config_var("EXT_SUFFIX"))
 
 
-def build() -> Path:
-    """Compile the extension next to this file with the system's C++ compiler (one job)."""
-    from setuptools import setup
-    from torch.utils.cpp_extension import BuildExtension, CppExtension
-
-    # -Wno-maybe-uninitialized: GCC 12 warns inside its own AVX-512 headers.
-    flags = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off", "-Wno-maybe-uninitialized"]
-    extension = CppExtension(LIBRARY, [str(SOURCE)], extra_compile_args=flags, extra_link_args=["-fopenmp"])
-    with tempfile.TemporaryDirectory() as temp:
-        setup(
-            name=LIBRARY,
-            ext_modules=[extension],
-            cmdclass={"build_ext": BuildExtension.with_options(use_ninja=False)},
-            script_args=["--quiet", "build_ext", "--build-lib", str(Path(__file__).parent), "--build-temp", temp],
-        )
-    return library_path()
-
-
 @functools.cache
 def _load() -> str | None:
     """Load the extension once; None when it loaded, else why not (logged once)."""
     path = library_path()
-    if not path.exists():
-        reason = f"not built ({path.name} missing: `make install` builds it where a C++ compiler is installed)"
+    if os.environ.get(ENV) == "none":
+        reason = f"{ENV}=none"
+    elif not path.exists():
+        reason = f"not built: {path.name} missing; `make install` builds it where a C++ compiler is installed"
     else:
         try:
-            torch.ops.load_library(str(path))
-            _register_fakes()
+            _load_library(path)
             reason = None
         except OSError as e:
             reason = f"failed to load: {e}"
@@ -77,6 +59,12 @@ def _load() -> str | None:
     else:
         log.warning("decode kernels: fallback to torch's, %s", reason)
     return reason
+
+
+@functools.cache
+def _load_library(path: Path) -> None:
+    torch.ops.load_library(str(path))
+    _register_fakes()
 
 
 def available() -> bool:
@@ -110,7 +98,7 @@ def use_path(name: str | None) -> None:
     """Run the kernels on path `name` from now on (None: back to GPT_KERNEL_ISA, or the best)."""
     global _forced
     _forced = None if name is None else _check(name, "use_path")
-    path_id.cache_clear()
+    _current_path_id.cache_clear()
 
 
 def path_name() -> str:
@@ -122,9 +110,15 @@ def path_name() -> str:
 
 
 @functools.cache
-def path_id() -> int:
-    """The current path's number, as the ops take it (cached: read on every matrix product)."""
+def _current_path_id() -> int:
     return PATHS.index(path_name())
+
+
+@torch.compiler.assume_constant_result
+def path_id() -> int:
+    """The current path's number, as the ops take it: cached (read on every matrix product), and a
+    constant to torch.compile (a compiled model keeps the path it was compiled on)."""
+    return _current_path_id()
 
 
 def _register_fakes() -> None:
@@ -138,11 +132,3 @@ def _register_fakes() -> None:
     def _(buffer, path):
         return buffer.new_empty(())
 
-
-if __name__ == "__main__":
-    if sys.argv[1:] != ["build"]:
-        sys.exit("usage: python -m model.native build")
-    try:
-        print(f"decode kernels built: {build()}")
-    except (Exception, SystemExit) as e:  # no compiler, no headers: the model still serves on torch's kernels
-        print(f"decode kernels not built ({e}); the model will run on torch's kernels", file=sys.stderr)
