@@ -45,8 +45,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # (dtype, weights): plain, packed (model.packing) or quantized (model.quantize).
 ENGINE_VARIANTS = [("fp32", "plain"), ("fp32", "packed"), ("bf16", "plain"), ("bf16", "packed"), ("bf16", "int8"),
                    ("bf16", "int4")]  # fmt: skip
-# Our decode kernels (model.decode_linear), where they were built: fp32, bf16 and int8 weights.
-NATIVE_VARIANTS = [("fp32", "native"), ("bf16", "native"), ("bf16", "int8-native")]
+# Our decode kernels (model.decode_linear), where they were built: fp32, bf16 and int8 weights, and bf16
+# weights in an fp32 model (residual stream, norms, attention and every accumulation in fp32, as llama.cpp).
+NATIVE_VARIANTS = [("fp32", "native"), ("bf16", "native"), ("bf16", "int8-native"), ("fp32", "bf16-native")]
 # Bytes per weight of each precision, for the batch-1 bound.
 WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "int8": 1, "int4": 0.5}
 # The layouts whose batch invariance is priced: each is timed again right after, without it.
@@ -76,6 +77,8 @@ def engine_model(model: GPT, dtype: str, weights: str) -> GPT:
     copied = copy.deepcopy(model).to(DTYPES[dtype]).eval()
     if weights == "packed":
         return packing.pack(copied)
+    if weights == "bf16-native":
+        return use_native(copied, torch.bfloat16)
     if weights.endswith("native"):
         return use_native(quantize(copied, weights.removesuffix("native").removesuffix("-") or "none"))
     return quantize(copied, "none" if weights == "plain" else weights)
