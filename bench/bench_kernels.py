@@ -24,7 +24,6 @@ import time
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from bench.common import print_table, write_result
 from model import native, packing

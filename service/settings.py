@@ -59,7 +59,7 @@ class ServiceSettings(BaseSettings):
         description="CPU workers: pack the linear weights once at load for our decode kernels (plain or int8 "
         "layers; built by make install where a C++ compiler is found), else in oneDNN's blocked layout (plain "
         "layers), rather than reorder them on every matrix product. GPT_KERNEL_ISA=scalar|avx2|avx512|avx512_dot "
-        "forces the kernels' instruction set.",
+        "forces the kernels' instruction set (none: leaves them off).",
     )
     batch_invariant: bool = Field(
         True,
