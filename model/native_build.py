@@ -20,8 +20,8 @@ def build() -> Path:
     from setuptools import setup
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
-    # -Wno-maybe-uninitialized: GCC 12 warns inside its own AVX-512 headers.
-    flags = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off", "-Wno-maybe-uninitialized"]
+    # -Wno-(maybe-)uninitialized: GCC 12 warns inside its own AVX-512 headers.
+    flags = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off", "-Wno-maybe-uninitialized", "-Wno-uninitialized"]
     extension = CppExtension(LIBRARY, [str(SOURCE)], extra_compile_args=flags, extra_link_args=["-fopenmp"])
     library_path().unlink(missing_ok=True)  # a failed build must not leave an older library to load
     with tempfile.TemporaryDirectory() as temp:

@@ -358,20 +358,43 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
   const int64_t K = kind == at::kFloat ? weight.size(1) : weight.size(1) * weight.size(3);
   TORCH_CHECK(in <= K && K - in < 4, "gpt_kernels.linear: x has ", in, " features, the weight ", K);
   TORCH_CHECK(out_features <= blocks * BLOCK, "gpt_kernels.linear: out_features beyond the packed weight");
-  const float* b = nullptr;
-  at::Tensor bias_f;
-  if (bias.has_value()) {
-    bias_f = bias->to(at::kFloat).contiguous();
-    b = bias_f.data_ptr<float>();
-  }
-  auto y = at::empty({rows, out_features}, x.options().dtype(at::kFloat));
-  float* out = y.data_ptr<float>();
-  if (rows == 0) return y.to(x.scalar_type());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "gpt_kernels.linear: x must be float32 or bfloat16, got ", x.scalar_type());
+  // Nothing here calls back into torch's dispatcher but the output's allocation: a decode step makes
+  // 49 of these calls, and a few small torch ops each cost as much again as a small product.
+  auto float_data = [](const std::optional<at::Tensor>& t, const char* name) -> const float* {
+    if (!t.has_value()) return nullptr;
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous(), "gpt_kernels.linear: ", name,
+                " must be contiguous float32");
+    return t->data_ptr<float>();
+  };
+  const float* b = float_data(bias, "bias");
+  auto y = at::empty({rows, out_features}, x.options());
+  if (rows == 0) return y;
+  const bool bf16_out = x.scalar_type() == at::kBFloat16;
+  float* out_f = bf16_out ? nullptr : y.data_ptr<float>();
+  uint16_t* out_h = bf16_out ? reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()) : nullptr;
+  auto store = [&](int64_t i, float v) {
+    if (bf16_out)
+      out_h[i] = float_to_bf16(v);  // as torch's .to(bfloat16)
+    else
+      out_f[i] = v;
+  };
 
-  // Activations as each path reads them, zero-padded to K.
-  at::Tensor xf = at::zeros({rows, K}, x.options().dtype(at::kFloat));
-  xf.narrow(1, 0, in).copy_(x);
-  const float* xs = xf.data_ptr<float>();
+  // Activations in fp32, zero-padded to K: x itself where it already is that.
+  std::vector<float> padded;
+  const float* xs;
+  const at::Tensor xc = x.contiguous();
+  if (!bf16_out && in == K) {
+    xs = xc.data_ptr<float>();
+  } else {
+    padded.assign(rows * K, 0.0f);
+    const uint16_t* x_h = bf16_out ? reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()) : nullptr;
+    const float* x_f = bf16_out ? nullptr : xc.data_ptr<float>();
+    for (int64_t r = 0; r < rows; r++)
+      for (int64_t k = 0; k < in; k++) padded[r * K + k] = x_h ? bf16_to_float(x_h[r * in + k]) : x_f[r * in + k];
+    xs = padded.data();
+  }
 
   if (kind == at::kFloat || kind == at::kBFloat16) {
     // The same per-call choice for every row: a row's bits still do not depend on the row count.
@@ -410,16 +433,17 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
         const int64_t n0 = nb * BLOCK, width = std::min(BLOCK, out_features - n0);
         for (int64_t r = 0; r < rows; r++)
           for (int64_t j = 0; j < width; j++)
-            out[r * out_features + n0 + j] = b ? acc[r * BLOCK + j] + b[n0 + j] : acc[r * BLOCK + j];
+            store(r * out_features + n0 + j, b ? acc[r * BLOCK + j] + b[n0 + j] : acc[r * BLOCK + j]);
       }
     });
-    return y.to(x.scalar_type());
+    return y;
   }
 
   TORCH_CHECK(kind == at::kChar, "gpt_kernels.linear: weights must be float32, bfloat16 or int8, got ", kind);
   TORCH_CHECK(scale.has_value() && weight_sums.has_value(), "gpt_kernels.linear: int8 weights need their scales");
-  at::Tensor scale_f = scale->to(at::kFloat).contiguous();
-  const float* ws = scale_f.data_ptr<float>();
+  const float* ws = float_data(scale, "scale");
+  TORCH_CHECK(weight_sums->scalar_type() == at::kInt && weight_sums->is_contiguous(),
+              "gpt_kernels.linear: weight_sums must be contiguous int32");
   const int32_t* sums = weight_sums->data_ptr<int32_t>();
   // Each row to int8 with a scale of its own, exactly as model.quantize.Int8Linear does in torch:
   // s = max(amax(|x|), 1e-12) / 127, q = round-half-even(x / s).
@@ -456,11 +480,11 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
           int32_t total = acc[r * BLOCK + j] - (path == AVX512_DOT ? 128 * sums[n0 + j] : 0);
           // As Int8Linear: the integer product times (row scale times channel scale), then the bias.
           float v = float(total) * (row_scale[r] * ws[n0 + j]);
-          out[r * out_features + n0 + j] = b ? v + b[n0 + j] : v;
+          store(r * out_features + n0 + j, b ? v + b[n0 + j] : v);
         }
     }
   });
-  return y.to(x.scalar_type());
+  return y;
 }
 
 // STREAM-style read of `buffer` with the threads and the widest loads `path` has, for the bandwidth
