@@ -15,7 +15,8 @@
 // Paths (chosen by the caller, each compiled for its own instruction set and run only where the CPU
 // has it): SCALAR portable C++; AVX2 (+FMA); AVX512 (F+BW); AVX512_DOT (AVX512-BF16 vdpbf16ps and
 // AVX512-VNNI vpdpbusd). AVX2 and AVX512 give the same bits (the same fused multiply-add chain);
-// SCALAR rounds the product before the add; AVX512_DOT multiplies bf16 pairs.
+// SCALAR rounds the product before the add; AVX512_DOT multiplies bf16 pairs (bf16 weights) and
+// byte quads (int8 weights), and is AVX512 for fp32 weights.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -315,7 +316,8 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void int8_avx512_dot(cons
 
 // ---- the driver: blocks split among threads; per block, k in chunks, rows in tiles ----
 
-// Calls tile.template operator()<R>(first row, k0, k1, acc) over every row tile and k chunk of one block.
+// Calls tile.template operator()<R>(first row, k0, k1) for every k chunk of one block, and in each for
+// every tile of R rows: a chunk's weights come from memory once, then from L1 for the other tiles.
 template <typename Tile>
 void over_tiles(int64_t rows, int64_t K, int64_t weight_bytes, const Tile& tile) {
   const int64_t chunk = CHUNK_BYTES / (BLOCK * weight_bytes);
