@@ -19,7 +19,7 @@ TEST_PROGRAMS := promtool=prometheus prometheus=prometheus docker-compose=docker
 	haproxy=haproxy kubectl=kubernetes-client
 COMPOSE_PROGRAMS := dockerd=docker.io docker-compose=docker-compose debootstrap=debootstrap
 
-install: $(STAMP)
+install: $(STAMP) $(VENV)/.kernels
 
 # Reinstall only when the project's metadata changes, so `make install` is cheap to repeat.
 $(STAMP): pyproject.toml
@@ -27,6 +27,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
+
+# Our decode kernels (model/csrc), compiled once with the system's C++ compiler. Without one the step
+# says so and the model runs on torch's kernels (model/native.py).
+$(VENV)/.kernels: $(STAMP) model/csrc/decode_kernels.cpp
+	MAX_JOBS=1 $(BIN)/python -m model.native_build
+	touch $@
 
 # The programs are checked first, so that a machine without them stops in seconds, not test by test.
 # Test files are spread over TEST_WORKERS processes (pytest-xdist), a file's tests kept together so that

@@ -5,7 +5,8 @@
 Every implementation decodes greedily from the same 32-token prompt for exactly --new-tokens tokens,
 at batch 1 and at batch 8 (the engine also at 16), after one warm-up run, with the same torch/OpenMP
 thread count: the engine in fp32 and bf16 with plain weights and with weights packed for oneDNN
-(the service's CPU default), and quantized to int8 / int4; transformers' generate
+(the CPU default where our kernels are not built), on our decode kernels (model.decode_linear: fp32, bf16,
+int8), and quantized to int8 / int4; transformers' generate
 in fp32 and bf16; and the peers of bench.peers (llama.cpp, CTranslate2, onnxruntime) at each of
 their precisions, which need the benchmark environment (`make bench-env`; without it they are
 reported missing). The weights are random, scaled as the tests' `sharpen` does so that greedy
@@ -36,13 +37,17 @@ from transformers.utils import logging as hf_logging
 from bench import peers
 from bench.common import print_table, write_result
 from model import GPT, Engine, GPTConfig, SamplingParams, Tokenizer, load_checkpoint
-from model import packing
+from model import native, packing
+from model.decode_linear import use_native
 from model.quantize import quantize
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # (dtype, weights): plain, packed (model.packing) or quantized (model.quantize).
 ENGINE_VARIANTS = [("fp32", "plain"), ("fp32", "packed"), ("bf16", "plain"), ("bf16", "packed"), ("bf16", "int8"),
                    ("bf16", "int4")]  # fmt: skip
+# Our decode kernels (model.decode_linear), where they were built: fp32, bf16 and int8 weights, and bf16
+# weights in an fp32 model (residual stream, norms, attention and every accumulation in fp32, as llama.cpp).
+NATIVE_VARIANTS = [("fp32", "native"), ("bf16", "native"), ("bf16", "int8-native"), ("fp32", "bf16-native")]
 # Bytes per weight of each precision, for the batch-1 bound.
 WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "int8": 1, "int4": 0.5}
 # The layouts whose batch invariance is priced: each is timed again right after, without it.
@@ -54,6 +59,7 @@ AGREEMENT_TOKENS = 32
 
 def precision(dtype: str, weights: str) -> str:
     """The precision the weights are read in: the dtype, or the quantization."""
+    weights = weights.removesuffix("-native")
     return weights if weights in WEIGHT_BYTES else dtype
 
 
@@ -71,6 +77,10 @@ def engine_model(model: GPT, dtype: str, weights: str) -> GPT:
     copied = copy.deepcopy(model).to(DTYPES[dtype]).eval()
     if weights == "packed":
         return packing.pack(copied)
+    if weights == "bf16-native":
+        return use_native(copied, torch.bfloat16)
+    if weights.endswith("native"):
+        return use_native(quantize(copied, weights.removesuffix("native").removesuffix("-") or "none"))
     return quantize(copied, "none" if weights == "plain" else weights)
 
 
@@ -147,7 +157,8 @@ def quality(checkpoint: Path, data: Path) -> list[dict]:
 # Where a decode step's time goes: the profiler's ops, by what they do.
 PROFILE_PARTS = {
     "linear layers (they read the weights)": {"mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::bmm",
-                                              "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu"},
+                                              "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu",
+                                              "gpt_kernels::linear"},
     "attention and the KV-cache write": {"aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_index_put_impl_",
                                          "aten::index_put_"},
     "layer norms, GELU, residual adds": {"aten::native_layer_norm", "aten::gelu", "aten::add", "aten::embedding",
@@ -289,9 +300,10 @@ def main() -> None:
     rows: list[dict] = []
     references: dict[str, list[int]] = {}  # the engine's first tokens per precision
     invariance: list[dict] = []
-    for dtype, weights in ENGINE_VARIANTS:
+    native_variants = NATIVE_VARIANTS if native.available() else []
+    for dtype, weights in ENGINE_VARIANTS + native_variants:
         variant = engine_model(model, dtype, weights)
-        batches = args.batches + (args.engine_batches if weights == "packed" else [])
+        batches = args.batches + (args.engine_batches if weights in ("packed", "native") else [])
         measure(rows, "engine", dtype, weights, engine_generate(variant), prompt, batches, args.new_tokens, references)
         if (dtype, weights) in INVARIANCE_PRICED:
             invariance += price_invariance(variant, dtype, weights, prompt, args.batches)
@@ -309,7 +321,7 @@ def main() -> None:
                 rows += peer_rows(name, wanted, args, references)
 
     profiles = {}
-    for dtype, weights in (("bf16", "packed"), ("fp32", "packed")):
+    for dtype, weights in [("bf16", "packed"), ("fp32", "packed")] + native_variants:
         variant = engine_model(model, dtype, weights)
         for batch in args.batches:
             name = f"engine {dtype} {weights}, batch {batch}"

@@ -99,7 +99,7 @@ def train_rows(throughput: dict, quality: dict) -> list[dict]:
 
 
 # Decode rows whose weights hold the model's own numbers (the others are quantized).
-FULL_PRECISION = ("plain", "packed")
+FULL_PRECISION = ("plain", "packed", "native")
 
 
 def variant(r: dict) -> str:

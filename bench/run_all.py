@@ -31,6 +31,7 @@ BENCH_PYTHON = Path(__file__).resolve().parents[1] / ".bench-venv" / "bin" / "py
 # name: (module and flags for the quick run, extra flags of the full-length run)
 STEPS = {
     "train": (["bench.bench_train", "--minutes", "1", "--rounds", "4"], ["--minutes", "10", "--rounds", "8"]),
+    "kernels": (["bench.bench_kernels", "--rounds", "3"], ["--rounds", "7"]),
     "decode": (["bench.bench_decode"], []),
     "serve": (["bench.bench_serve", "--presets", "gpt2", "--sweep-requests", "4"],
               ["--presets", "mini", "gpt2", "--sweep-requests", "32"]),

@@ -15,9 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
-from model import packing
+from model import native, packing
+from model.decode_linear import use_native
 from model.generation import decode_groups, row_range
 from model.gpt import GPT, KVCache
+from model.quantize import Int8Linear
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -77,10 +79,20 @@ class DtypeChoice:
 
 
 def serving_layout(model: GPT, dtype: torch.dtype) -> GPT:
-    """`model` in `dtype` for inference, with its linear weights packed for oneDNN on CPUs that have it."""
+    """`model` in `dtype` for inference: on the CPU, its linear weights packed for our decode kernels
+    (model.decode_linear) where they were built, else for oneDNN where torch has it."""
     model = model.to(dtype).eval()
-    if model.lm_head.weight.device.type == "cpu" and packing.available():
-        model = packing.pack(model)
+    return cpu_layout(model) if model.lm_head.weight.device.type == "cpu" else model
+
+
+def cpu_layout(model: GPT) -> GPT:
+    """The CPU's fastest weights for `model`'s linear layers (plain or int8), in place: our kernels
+    beat oneDNN's packed weights and torch's int8 product at batch 1 and 8 (bench/bench_kernels.py),
+    and keep every row's bits at any row count; without them, oneDNN's packed weights (plain layers)."""
+    if native.available():
+        return use_native(model)
+    if packing.available() and not any(isinstance(m, Int8Linear) for m in model.modules()):
+        return packing.pack(model)
     return model
 
 

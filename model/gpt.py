@@ -340,13 +340,14 @@ class GPT(nn.Module):
 
         save_hf(self, directory)
 
-    def replace_linears(self, make) -> GPT:
-        """Swap every linear layer, the LM head included, for `make(linear)`, in place; return the model.
+    def replace_linears(self, make, kinds: tuple[type, ...] = (nn.Linear,)) -> GPT:
+        """Swap every linear layer (every module of `kinds`), the LM head included, for `make(linear)`,
+        in place; return the model.
 
         The LM head gets its own replacement of the tied embedding, which the input lookup keeps using.
         """
         for module in list(self.modules()):
             for name, child in list(module.named_children()):
-                if isinstance(child, nn.Linear):
+                if isinstance(child, kinds):
                     setattr(module, name, make(child))
         return self

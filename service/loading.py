@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from model import GPT, CheckpointError, Engine, Tokenizer, load_checkpoint, packing
-from model.device import DTYPES, measure_dtype
+from model import GPT, CheckpointError, Engine, Tokenizer, load_checkpoint, native, packing
+from model.device import DTYPES, cpu_layout, measure_dtype
 from model.quantize import quantize
 from service.messages import ModelInfo
 
@@ -43,8 +43,10 @@ class ModelLoader:
         # None until --dtype auto has measured which precision decodes faster (at the first load).
         self.dtype: torch.dtype | None = None if dtype == "auto" else DTYPES[dtype]
         self.quantization = quantization
-        # Quantized layers have packed formats of their own; GPUs have no use for oneDNN's.
-        self.pack = pack_weights and quantization == "none" and device.type == "cpu" and packing.available()
+        # CPU weights packed for our decode kernels where they were built (plain or int8 layers), else for
+        # oneDNN (plain layers; quantized ones have formats of their own). GPUs have no use for either.
+        self.native = pack_weights and device.type == "cpu" and quantization != "int4" and native.available()
+        self.pack = self.native or pack_weights and quantization == "none" and device.type == "cpu" and packing.available()
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.batch_invariant = batch_invariant
@@ -57,7 +59,9 @@ class ModelLoader:
     @property
     def weights(self) -> str:
         """How the served weights are held, for the log."""
-        if self.pack:
+        if self.native:
+            layout = f"{self.quantization}, packed for our decode kernels ({native.status()})".removeprefix("none, ")
+        elif self.pack:
             layout = "packed for oneDNN"
         elif self.quantization == "none":
             layout = "plain"
@@ -113,7 +117,7 @@ class ModelLoader:
 
     def _prepare(self, model: GPT, dtype: torch.dtype) -> GPT:
         model = quantize(model.to(dtype).eval(), self.quantization)
-        return packing.pack(model) if self.pack else model
+        return cpu_layout(model) if self.pack else model
 
     def _choose_dtype(self, model: GPT) -> GPT:
         """--dtype auto: time a full batch's decode step in each precision, serve the faster from now on."""

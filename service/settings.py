@@ -56,10 +56,10 @@ class ServiceSettings(BaseSettings):
     )
     pack_weights: bool = Field(
         True,
-        description="CPU workers without --quantize: keep the linear weights in oneDNN's blocked layout, reordered "
-        "once at load rather than on every matrix product. Batched decoding runs faster, fp32 single-stream "
-        "decoding slightly slower; packed bf16 (--dtype bf16) beats fp32 at batch 1 and 8 on CPUs with "
-        "AVX512-BF16 (the README's decode benchmark).",
+        description="CPU workers: pack the linear weights once at load for our decode kernels (plain or int8 "
+        "layers; built by make install where a C++ compiler is found), else in oneDNN's blocked layout (plain "
+        "layers), rather than reorder them on every matrix product. GPT_KERNEL_ISA=scalar|avx2|avx512|avx512_dot "
+        "forces the kernels' instruction set (none: leaves them off).",
     )
     batch_invariant: bool = Field(
         True,

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from model import GPT, Engine, GPTConfig, SamplingParams, autocast_dtype, resolve_device
+from model import GPT, Engine, GPTConfig, SamplingParams, autocast_dtype, native, resolve_device
+from model.decode_linear import DecodeLinear
 from model.device import DTYPES, measure_dtype
 from model.packing import PackedLinear
 
@@ -39,7 +40,8 @@ def test_measure_dtype_times_each_candidate_and_serves_the_fastest():
     fastest = min(choice.seconds_per_step, key=choice.seconds_per_step.get)
     assert choice.dtype == DTYPES[fastest]
     assert choice.model.lm_head.weight.dtype == choice.dtype
-    assert isinstance(choice.model.lm_head, PackedLinear), "timed and served in the service's CPU layout"
+    cpu_layout = DecodeLinear if native.available() else PackedLinear
+    assert isinstance(choice.model.lm_head, cpu_layout), "timed and served in the service's CPU layout"
     assert isinstance(model.lm_head, torch.nn.Linear) and model.lm_head.weight.dtype == torch.float32, "left as it was"
     engine = Engine(choice.model, max_batch_size=2)
     assert len(engine.generate_tokens([[1, 2, 3]], SamplingParams(max_new_tokens=3, temperature=0))[0]) == 3

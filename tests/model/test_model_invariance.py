@@ -13,8 +13,9 @@ import copy
 import pytest
 import torch
 
-from model import GPT, Engine, GPTConfig, SamplingParams
-from model.generation import PLAIN_FP32_ROW_RANGE, ROW_RANGE, decode_groups, row_range
+from model import GPT, Engine, GPTConfig, SamplingParams, native
+from model.decode_linear import DecodeLinear, use_native
+from model.generation import ANY_ROW_COUNT, PLAIN_FP32_ROW_RANGE, ROW_RANGE, decode_groups, row_range
 from model.packing import PackedLinear, pack
 from model.quantize import Int8Linear, quantize
 from modelkit import sharpen
@@ -30,6 +31,13 @@ SETTINGS = {
 }
 LAYOUTS = [("fp32", "plain"), ("fp32", "packed"), ("bf16", "plain"), ("bf16", "packed"), ("fp32", "int8"),
            ("bf16", "int8")]  # fmt: skip
+# Our decode kernels (model.decode_linear), each layout on every path the kernels dispatch to.
+NATIVE_LAYOUTS = [("fp32", "native"), ("bf16", "native"), ("fp32", "native-int8")]
+NATIVE_CASES = [(d, w, path) for d, w in NATIVE_LAYOUTS for path in native.PATHS]
+# Whole engines cost more: every path in fp32, the fastest path for bf16 and int8 weights.
+ENGINE_CASES = [c for c in NATIVE_CASES if c[:2] == ("fp32", "native") or c[2] == native.PATHS[-1]]
+# Any row count is invariant on our kernels: each is checked from 1 to beyond the tests' batch of 20.
+NATIVE_ROW_LIMIT = 24
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # The layers of the gpt2 shape: attention in and out, MLP in and out, the LM head.
 GPT2_LINEARS = [(768, 2304), (768, 768), (768, 3072), (3072, 768), (768, 50257)]
@@ -41,6 +49,10 @@ def layout(model: GPT, dtype: str, weights: str) -> GPT:
         return pack(copied)
     if weights == "int8":
         return quantize(copied, "int8")
+    if weights == "native":
+        return use_native(copied)
+    if weights == "native-int8":
+        return use_native(quantize(copied, "int8"))
     return copied
 
 
@@ -49,6 +61,10 @@ def linear_layer(linear: torch.nn.Linear, dtype: str, weights: str) -> torch.nn.
         return PackedLinear(linear)
     if weights == "int8":
         return Int8Linear(linear, DTYPES[dtype])
+    if weights == "native":
+        return DecodeLinear(linear)
+    if weights == "native-int8":
+        return DecodeLinear(Int8Linear(linear, DTYPES[dtype]))
     return linear
 
 
@@ -75,9 +91,32 @@ def prompt(length: int, seed: int) -> list[int]:
     return torch.randint(0, 50257, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
+@pytest.fixture
+def kernel_path(request):
+    """Our kernels forced onto one path for the test (every path the C++ source has: this CPU must run it)."""
+    if not native.available():
+        pytest.skip(f"the decode kernels are not built here: {native.status()}")
+    if request.param not in native.supported_paths():
+        pytest.skip(f"path {request.param} needs {native.NEEDS[request.param]}, which this CPU lacks")
+    native.use_path(request.param)
+    yield request.param
+    native.use_path(None)
+
+
 @pytest.mark.parametrize("dtype,weights", LAYOUTS, ids=[f"{d}-{w}" for d, w in LAYOUTS])
 def test_seeded_requests_joining_a_running_batch_draw_from_their_solo_numbers(mini, dtype, weights):
+    check_joining_requests(layout(mini, dtype, weights))
+
+
+@pytest.mark.parametrize("dtype,weights,kernel_path", ENGINE_CASES, ids=["-".join(c) for c in ENGINE_CASES],
+                         indirect=["kernel_path"])  # fmt: skip
+def test_on_our_kernels_requests_joining_a_running_batch_draw_from_their_solo_numbers(mini, dtype, weights, kernel_path):
     model = layout(mini, dtype, weights)
+    assert row_range(model) == ANY_ROW_COUNT  # no padding, no row-count groups
+    check_joining_requests(model)
+
+
+def check_joining_requests(model: GPT) -> None:
     # Compared requests: every sampling setting, prompts from 1 to 150 tokens, joining at staggered steps.
     compared = {
         name: (prompt(length, seed), SamplingParams(max_new_tokens=10, seed=seed, stop_at_eot=False, **setting), join)
@@ -111,6 +150,24 @@ def test_seeded_requests_joining_a_running_batch_draw_from_their_solo_numbers(mi
         for step, (solo, row) in enumerate(zip(alone.logits[0], batched.logits[name])):
             assert torch.equal(solo, row), f"{name}: logits differ at step {step}"
         assert solo_tokens == tokens[name], name
+
+
+@pytest.mark.parametrize("dtype,weights,kernel_path", NATIVE_CASES, ids=["-".join(c) for c in NATIVE_CASES],
+                         indirect=["kernel_path"])  # fmt: skip
+def test_our_kernels_keep_each_row_at_every_row_count(dtype, weights, kernel_path):
+    """Each row's product has the same bits at every row count from 1 to NATIVE_ROW_LIMIT, on every path.
+    The LM head is cut to 1041 outputs: its partial last block of 17 (50257 = 785 * 64 + 17) at a
+    fraction of the scalar path's time."""
+    torch.manual_seed(0)
+    for inputs, outputs in GPT2_LINEARS[:-1] + [(768, 1041)]:
+        layer = linear_layer(torch.nn.Linear(inputs, outputs).to(DTYPES[dtype]), dtype, weights)
+        x = torch.randn(NATIVE_ROW_LIMIT, inputs).to(DTYPES[dtype])
+        with torch.no_grad():
+            full = layer(x)
+            for rows in range(1, NATIVE_ROW_LIMIT):
+                assert torch.equal(layer(x[:rows]), full[:rows]), f"{inputs}->{outputs}: {rows} rows"
+            for start in range(1, 4):  # and wherever a row sits among the others
+                assert torch.equal(layer(x[start : start + 5]), full[start : start + 5]), f"{inputs}->{outputs}"
 
 
 @pytest.mark.parametrize("dtype,weights", LAYOUTS, ids=[f"{d}-{w}" for d, w in LAYOUTS])
