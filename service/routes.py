@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, SecretStr, ValidationError
 from starlette.requests import ClientDisconnect
 
-from model import EOT_TOKEN, SamplingParams, Tokenizer
+from model import EOT_TOKEN, SamplingParams, Tokenizer, native
 from service import metrics, schemas
 from service.bridge import RouteSpec, WorkerCall, process_index
 from service.errors import (
@@ -138,7 +138,8 @@ class Routes:
         """200 when every inference worker serves a model, answers heartbeats and moves, 503 with the reason
         otherwise."""
         workers = self.board.workers()
-        body = {"status": "ready", "workers": [_worker_view(w, self.settings.stall_timeout) for w in workers]}
+        body = {"status": "ready", "kernels": native.status(),
+                "workers": [_worker_view(w, self.settings.stall_timeout) for w in workers]}
         starting = [w.worker_id for w in workers if w.status is Status.STARTING]
         stalled = [w.worker_id for w in workers if w.stalled_for > self.settings.stall_timeout]
         silent = {w.worker_id: w.heartbeat_at for w in workers if w.unresponsive}

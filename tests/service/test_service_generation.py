@@ -33,7 +33,11 @@ def test_weights_packed_for_the_cpu_answer_what_plain_weights_answer(served, lau
     publish(tmp_path, step=100, val_loss=3.25)
     # The same precision as the shared service's: --dtype auto may choose differently for another layout.
     dtype = served.health().json()["workers"][0]["dtype"]
-    plain = launch(tmp_path, "--no-pack-weights", "--dtype", dtype, api_key=API_KEY)
+    # Without our decode kernels too: the CPU's fallback serves the same texts and /health says why.
+    plain = launch(tmp_path, "--no-pack-weights", "--dtype", dtype, api_key=API_KEY,
+                   env={"GPT_KERNEL_ISA": "none"})
+    assert plain.health().json()["kernels"] == "fallback (GPT_KERNEL_ISA=none)"
+    assert served.health().json()["kernels"] == native.status()
     requests = [
         {"prompt": "Once upon a time", "max_new_tokens": 24, "temperature": 0},
         {"prompt": "The king", "max_new_tokens": 24, "seed": 7, "top_k": 20, "top_p": 0.9},
