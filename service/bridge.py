@@ -35,9 +35,10 @@ uvicorn (0.54):
    `on_message_begin`, `on_url`, `on_header`, `on_message_complete`, `on_response_complete`,
    `send_400_response`, `transport`, `cycle`): every request must arrive within --request-timeout, with
    bounded headers, and a malformed request is answered in the service's JSON error shape.
-8. `uvicorn.Server.shutdown(sockets)`, `servers`, `server_state.connections`, `_captured_signals` (the
-   signals `capture_signals` raises again after the shutdown): drain running streams, then cut the rest
-   with an error event rather than closing them mid-sentence, and exit with a status that says which.
+8. `uvicorn.Server.shutdown(sockets)`, `servers`, `server_state.connections`, `force_exit`, `_captured_signals`
+   (the signals `capture_signals` raises again after the shutdown): keep serving for a grace period with
+   /health failing, then drain running streams, then cut the rest with an error event rather than closing
+   them mid-sentence, and exit with a status that says which.
 """
 
 from __future__ import annotations
@@ -402,14 +403,23 @@ class GuardedProtocol(HttpToolsProtocol):
 
 
 class DrainingServer(litserve.server._Server):
-    """An HTTP server that, told to stop, lets running streams finish for `drain_timeout` seconds and then
-    ends each one left with an error event and `[DONE]` (rather than closing it mid-sentence); it exits
-    with status 3 if it had to cut any."""
+    """An HTTP server that, told to stop, first goes on serving for `accept_grace` seconds with /health
+    answering 503 (draining), for a load balancer's checks to take it out before it stops listening: a
+    request sent while they still pass would otherwise meet a closed listener, or be accepted and dropped.
+    It then lets running streams finish for `drain_timeout` seconds and ends each one left with an error
+    event and `[DONE]` (rather than closing it mid-sentence); it exits with status 3 if it had to cut any."""
 
+    accept_grace = 5.0
     drain_timeout = 30.0
+    stopping = False
     cut = 0
 
     async def shutdown(self, sockets=None) -> None:
+        DrainingServer.stopping = True
+        # uvicorn's main loop has ended, not its event loop: connections are still accepted and served.
+        deadline = time.monotonic() + self.accept_grace
+        while time.monotonic() < deadline and not self.force_exit:
+            await asyncio.sleep(0.1)
         for server in self.servers:
             server.close()
         for connection in list(self.server_state.connections):
@@ -446,14 +456,21 @@ class Server(ls.LitServer):
     _stopping = False
 
     def __init__(
-        self, *args, request_timeout: float, drain_timeout: float, on_http_death: Callable[[int], None], **kwargs
+        self,
+        *args,
+        request_timeout: float,
+        accept_grace: float,
+        drain_timeout: float,
+        on_http_death: Callable[[int], None],
+        **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self._request_timeout = request_timeout
+        self._accept_grace = accept_grace
         self._drain_timeout = drain_timeout
         self._on_http_death = on_http_death
         # The main process waits this long for an HTTP server to drain and cut its streams before killing it.
-        self.uvicorn_graceful_timeout = drain_timeout + 10
+        self.uvicorn_graceful_timeout = accept_grace + drain_timeout + 10
         self.exit_status = 0
 
     def _register_internal_endpoints(self) -> None:
@@ -480,6 +497,7 @@ class Server(ls.LitServer):
         protocol = type("Protocol", (GuardedProtocol,), {"request_timeout": self._request_timeout})
         config = uvicorn.Config(app=app, host="0.0.0.0", port=port, log_level=log_level, http=protocol, **kwargs)
         server = DrainingServer(config=config)
+        server.accept_grace = self._accept_grace
         server.drain_timeout = self._drain_timeout
         process = mp.get_context("fork").Process(target=server.run, args=(index, sockets), name=f"LitServer-{index}")
         process.start()
@@ -521,6 +539,9 @@ class Server(ls.LitServer):
             manager._process.join(1.0)
             _exit_if_dead(manager)
         self._stopping = True
+        if self._accept_grace:
+            log.info("stopping: /health answers 503 and new requests are still served for %g s (--accept-grace), "
+                     "then running ones get %g s to finish", self._accept_grace, self._drain_timeout)  # fmt: skip
         # LitServe stops the HTTP servers one after another, each draining up to the timeout while the others
         # still take new requests: signal them all first so they stop accepting together.
         for worker in uvicorn_workers.values():

@@ -86,6 +86,14 @@ def unresponsive(silent: dict[int, float]) -> str:
     )
 
 
+def draining(grace: float) -> str:
+    """What readiness answers once the service has been told to stop (see --accept-grace)."""
+    return (
+        f"the service is stopping: it still takes requests for up to {grace:g} s after the stop signal, for load "
+        "balancers to take it out, then finishes the running ones; send new requests elsewhere"
+    )
+
+
 @dataclass(frozen=True)
 class Answer:
     status: int

@@ -24,13 +24,14 @@ from starlette.requests import ClientDisconnect
 
 from model import EOT_TOKEN, SamplingParams, Tokenizer, native
 from service import metrics, schemas
-from service.bridge import RouteSpec, WorkerCall, process_index
+from service.bridge import DrainingServer, RouteSpec, WorkerCall, process_index
 from service.errors import (
     LIMIT_EXCEEDED,
     APIError,
     ClientGone,
     Refusal,
     as_api_error,
+    draining,
     from_validation,
     unresponsive,
     waiting_for,
@@ -135,15 +136,18 @@ class Routes:
     # Probes, never behind the key
 
     async def health(self, request: Request) -> Response:
-        """200 when every inference worker serves a model, answers heartbeats and moves, 503 with the reason
-        otherwise."""
+        """200 when every inference worker serves a model, answers heartbeats and moves and the service is not
+        stopping, 503 with the reason otherwise."""
         workers = self.board.workers()
         body = {"status": "ready", "kernels": native.status(),
                 "workers": [_worker_view(w, self.settings.stall_timeout) for w in workers]}
         starting = [w.worker_id for w in workers if w.status is Status.STARTING]
         stalled = [w.worker_id for w in workers if w.stalled_for > self.settings.stall_timeout]
         silent = {w.worker_id: w.heartbeat_at for w in workers if w.unresponsive}
-        if starting:
+        if DrainingServer.stopping:
+            # First, so that a load balancer stops sending here while requests are still accepted.
+            body.update(status="draining", message=draining(self.settings.accept_grace))
+        elif starting:
             body.update(status="starting", message=f"inference workers {starting} are starting")
         elif stalled:
             body.update(status="stalled", message=f"inference workers {stalled} hold requests and make no progress")

@@ -45,6 +45,7 @@ def build(settings: ServiceSettings) -> bridge.Server:
         # A worker that dies is replaced; requests it held fail with 503 (see bridge.WorkerCall).
         restart_workers=True,
         request_timeout=settings.request_timeout,
+        accept_grace=settings.accept_grace,
         drain_timeout=settings.drain_timeout,
         on_http_death=api.http_server_died,
     )

@@ -102,6 +102,14 @@ class ServiceSettings(BaseSettings):
     queue_timeout: float = Field(
         30.0, gt=0, description="Seconds a request may wait for an inference worker to pick it up before it fails."
     )
+    accept_grace: float = Field(
+        5.0,
+        ge=0,
+        description="Seconds after SIGTERM or Ctrl-C during which /health answers 503 (draining) while new requests "
+        "are still accepted and served, so that a load balancer takes the replica out before it stops listening "
+        "(the compose file's HAProxy needs 3 failed checks a second apart); then the drain begins. A second "
+        "Ctrl-C skips it.",
+    )
     drain_timeout: float = Field(
         30.0,
         ge=0,

@@ -171,7 +171,9 @@ def start_service(
 ) -> Service:
     port = free_port()
     log_path = tmp_path / f"service-{port}.log"
-    environment = {**os.environ, "SERVICE_POLL_INTERVAL": "0.2", **(env or {})}
+    # No grace before the drain (--accept-grace): no load balancer has to take these services out, and
+    # every stop would wait for it; the balancer's tests give theirs the default.
+    environment = {**os.environ, "SERVICE_POLL_INTERVAL": "0.2", "SERVICE_ACCEPT_GRACE": "0", **(env or {})}
     if api_key:
         environment["SERVICE_API_KEY"] = api_key
     command = [

@@ -9,7 +9,6 @@ whole sequence once with Debian's docker-compose 1.29 and once with Compose v2 (
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -31,6 +30,7 @@ from composekit import (
     private_engine,
     require_tools,
 )
+from lbkit import Traffic
 from servicekit import Scrape, free_port, wait_for
 
 from model.checkpoint import read_checkpoint
@@ -381,46 +381,6 @@ def test_a_one_off_trainer_run_completes_and_its_checkpoint_is_served(stack):
     assert not left.stdout.split(), "`run --rm` left its container behind"
 
 
-class Traffic:
-    """Short requests through the balancer from a few clients, each one after another, until stopped:
-    what was answered (by checkpoint step) and every failure."""
-
-    def __init__(self, url: str, clients: int = 3):
-        self.url, self.done = url, threading.Event()
-        self.steps: list[int] = []
-        self.failures: list[str] = []
-        self.threads = [threading.Thread(target=self._client, args=(c,), daemon=True) for c in range(clients)]
-        for thread in self.threads:
-            thread.start()
-
-    def _client(self, client: int) -> None:
-        with httpx.Client(base_url=self.url, timeout=120) as http:
-            for i in itertools.count():
-                if self.done.is_set():
-                    return
-                try:
-                    response = http.post("/predict", json={"prompt": f"Traffic {client}.{i}", "max_new_tokens": 4})
-                except httpx.HTTPError as e:
-                    self.failures.append(repr(e))
-                    continue
-                if response.status_code == 200:
-                    self.steps.append(response.json()["model"]["step"])
-                else:
-                    self.failures.append(f"{response.status_code}: {response.text[:200]}")
-
-    def more(self, count: int, message: str) -> None:
-        """Wait until `count` more requests have been answered."""
-        target = len(self.steps) + count
-        wait_for(lambda: len(self.steps) >= target or self.failures, 300, interval=0.2, message=message)
-
-    def stop(self) -> list[int]:
-        self.done.set()
-        for thread in self.threads:
-            thread.join(180)
-        assert not self.failures, f"{len(self.failures)} requests failed: {self.failures[:5]}"
-        return self.steps
-
-
 def streamed_text(events: list) -> str:
     return "".join(json.loads(e).get("text", "") for e in events[1:-1])
 
@@ -490,7 +450,8 @@ def test_every_replica_moves_to_a_new_checkpoint_with_no_failed_request(stack):
         stack.fleet_serving(REPLICAS, step)
         traffic.more(10, "requests answered on the new checkpoint")
     finally:
-        steps = traffic.stop()
+        traffic.stop()
+    steps = traffic.steps
     # Each publication of the run was served in turn; the last request got the last one.
     assert set(steps) <= {before, *saved} and steps[-1] == step, (saved, steps)
 
@@ -507,7 +468,12 @@ def test_scaling_to_one_replica_and_back_loses_no_request(stack):
         stack.fleet_serving(REPLICAS, step)
         traffic.more(10, "requests answered after scaling back up")
     finally:
-        traffic.stop()
+        answers = traffic.stop()
+    # One checkpoint throughout: each body got one text, whichever replica answered it.
+    texts = {}
+    for body, answer in answers:
+        texts.setdefault(body["prompt"], set()).add(answer["text"])
+    assert all(len(seen) == 1 for seen in texts.values()), texts
 
 
 def test_a_replica_killed_mid_stream_fails_only_its_own_streams(stack):

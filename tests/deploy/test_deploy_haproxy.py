@@ -1,8 +1,8 @@
 """The load balancer's promises, kept by Debian's HAProxy reading the compose file's own configuration
 (deploy/haproxy/haproxy.cfg) in front of two real services: only replicas whose /health says ready get
-requests, least connections spreads open streams, a stream passes unbuffered with its request id, and a
-soft stop (`docker stop` sends SIGUSR1) lets a running stream finish. Compose's Docker DNS discovery is
-proved in `make test-compose`."""
+requests, least connections spreads open streams, a stream passes unbuffered with its request id, a
+soft stop (`docker stop` sends SIGUSR1) lets a running stream finish, and replicas stopped under traffic
+lose none of it. Compose's Docker DNS discovery is proved in `make test-compose`."""
 
 import json
 import os
@@ -13,8 +13,10 @@ import threading
 import httpx
 import processes
 import pytest
-from lbkit import start_haproxy
+from lbkit import TRAFFIC_BODIES, Traffic, start_haproxy
 from servicekit import publish, wait_for
+
+from service.settings import ServiceSettings
 
 # A generation of 1,000 tokens takes the tiny model about three seconds: long enough that the workers are
 # paused while it runs, and a try that ended before that is made again.
@@ -173,3 +175,40 @@ def test_a_soft_stop_refuses_new_connections_and_lets_the_running_stream_finish(
         pytest.fail(f"each of {TRIES} streams ended before the worker could be paused")
     assert last["finish_reason"] == "length" and last["usage"]["completion_tokens"] == LONG
     assert balancer.process.wait(timeout=60) == 0
+
+
+def test_replicas_stopped_under_traffic_lose_no_request(fleet, launch, tmp_path):
+    """SIGTERM to two of three replicas while three clients send request after request: every request is
+    answered, each with the text its seed gives on any replica of the checkpoint. A stopping replica says
+    so on /health while it still serves, and the balancer's checks take it out before it stops listening."""
+    ready, _, _ = fleet
+    # The default grace, which the balancer's checks must fit in (servicekit gives its services none).
+    grace = {"SERVICE_ACCEPT_GRACE": str(ServiceSettings.model_fields["accept_grace"].default)}
+    # --dtype auto times both precisions at load: the replicas must compute as the survivor does.
+    [dtype] = {worker["dtype"] for worker in ready.health().json()["workers"]}
+    leaving = [launch(ready.checkpoint_dir, "--dtype", dtype, env=grace) for _ in range(2)]
+    for replica in leaving:
+        replica.wait_serving(10)
+    balancer = start_haproxy(tmp_path, ready, *leaving)
+    wait_for(lambda: balancer.active_servers() == 3, 30, interval=0.2, message="the three replicas to be checked up")
+    expected = {body["prompt"]: ready.predict(**body)["text"] for body in TRAFFIC_BODIES}
+    traffic = Traffic(balancer.url)
+    try:
+        traffic.more(30, "requests answered by the three replicas")
+        answered = [sum(v for (name, _), v in replica.metrics().samples.items() if name == "gpt_requests_total")
+                    for replica in leaving]  # fmt: skip
+        for replica in leaving:
+            replica.process.send_signal(signal.SIGTERM)
+        assert [replica.process.wait(timeout=120) for replica in leaving] == [0, 0]
+        traffic.more(30, "requests answered by the replica left")
+    finally:
+        try:
+            answers = traffic.stop()
+        finally:
+            processes.stop(balancer.process)
+    assert all(answered), f"a stopped replica had answered nothing before its stop: {answered}"
+    # Each was taken out by its /health (503) while it still listened, not by a refused connection.
+    downs = set(re.findall(r"Server api/(api\d) is DOWN, reason: ([^,]+),", balancer.log()))
+    assert downs == {("api2", "Layer7 wrong status"), ("api3", "Layer7 wrong status")}, downs
+    wrong = [(body["prompt"], answer["text"]) for body, answer in answers if answer["text"] != expected[body["prompt"]]]
+    assert not wrong, wrong
