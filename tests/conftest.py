@@ -7,13 +7,21 @@ outlives the tests."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
 import processes
 import pytest
+import torch
 from processes import pytest_sessionfinish  # noqa: F401 (the hook that fails a session leaving processes behind)
 from servicekit import Service, start_service
+
+# pytest-xdist's processes share the cores: one thread each (and for the trainers they start), or every
+# OpenMP region of one spins while it waits for a core that the other holds.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 def launching(tmp_path_factory):

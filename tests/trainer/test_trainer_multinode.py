@@ -14,6 +14,7 @@ from pathlib import Path
 
 import processes
 import psutil
+import pytest
 import torch
 from servicekit import free_port, wait_for
 
@@ -67,6 +68,8 @@ def same_weights(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
+# Three torchrun jobs of six processes in all: beside other work, longer than the suite's default 300 s.
+@pytest.mark.timeout(900)
 def test_two_nodes_train_as_one_node_of_two_processes_and_resume_after_a_worker_killed(tiny, records, tmp_path):
     one = tmp_path / "one-node"
     result = processes.run(
