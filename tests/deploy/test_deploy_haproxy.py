@@ -82,6 +82,29 @@ def served_step(url: str, prompt: str) -> int | str:
         return "sent to the busy replica"
 
 
+def mid_stream(url: str, prompt: str, replicas, while_paused=lambda: None) -> tuple[Stream, dict]:
+    """Start streams through `url` until one is caught generating: its first event in and the workers of
+    `replicas()` (asked once the stream runs) stopped with exactly that request running. Runs `while_paused`
+    then, lets the workers go on, and returns the stream and its last event. A stream may end before its
+    workers can be stopped, so up to TRIES are started."""
+    for _ in range(TRIES):
+        stream = Stream(url, prompt=prompt)
+        assert stream.first.wait(60), "the stream never started"
+        services = replicas()
+        paused = workers(*services)
+        pause(paused, signal.SIGSTOP)
+        try:
+            caught = running(*services) == 1
+            if caught:
+                while_paused()
+        finally:
+            pause(paused, signal.SIGCONT)
+        last = stream.result()
+        if caught:
+            return stream, last
+    pytest.fail(f"each of {TRIES} streams ended before the workers could be paused")
+
+
 def test_only_ready_replicas_get_requests_and_open_streams_go_to_the_least_busy(fleet, tmp_path):
     ready, waiting, balancer = fleet
     assert waiting.health().status_code == 503
@@ -99,43 +122,22 @@ def test_only_ready_replicas_get_requests_and_open_streams_go_to_the_least_busy(
     # A stream held open on one replica (its worker paused once the stream runs): every request after it
     # goes to the other, which has fewer connections. Round robin would send every second one to the busy one.
     by_server = {"api1": ready, "api2": waiting}
-    for _ in range(TRIES):
-        stream = Stream(balancer.url)
-        assert stream.first.wait(60), "the stream never started"
-        [busy] = [by_server[name] for name, count in balancer.sessions().items() if count]
-        paused = workers(busy)
-        pause(paused, signal.SIGSTOP)
-        try:
-            caught = running(busy) == 1
-            if caught:
-                steps = [served_step(balancer.url, f"Next {i}") for i in range(4)]
-        finally:
-            pause(paused, signal.SIGCONT)
-        held = stream.result()["model"]["step"]
-        if caught:
-            break
-    else:
-        pytest.fail(f"each of {TRIES} streams ended before the workers could be paused")
+    steps = []
+
+    def busy():
+        [name] = [name for name, count in balancer.sessions().items() if count]
+        return (by_server[name],)
+
+    _, last = mid_stream(balancer.url, "Far", busy,
+                         lambda: steps.extend(served_step(balancer.url, f"Next {i}") for i in range(4)))
+    held = last["model"]["step"]
     assert held in (10, 20) and steps == [30 - held] * 4, (held, steps)
 
 
 def test_a_stream_passes_unbuffered_and_keeps_the_replicas_request_id(fleet):
     ready, waiting, balancer = fleet
-    for _ in range(TRIES):
-        stream = Stream(balancer.url, prompt="Unbuffered")
-        assert stream.first.wait(60), "the stream never started"
-        paused = workers(ready, waiting)
-        pause(paused, signal.SIGSTOP)
-        try:
-            # The first event is here while the generation still runs: the balancer held nothing back.
-            caught = running(ready, waiting) == 1
-        finally:
-            pause(paused, signal.SIGCONT)
-        last = stream.result()
-        if caught:
-            break
-    else:
-        pytest.fail(f"each of {TRIES} streams ended before the workers could be paused")
+    # The first event is here while the generation still runs: the balancer held nothing back.
+    stream, last = mid_stream(balancer.url, "Unbuffered", lambda: (ready, waiting))
     assert last["finish_reason"] == "length" and last["usage"]["completion_tokens"] == LONG
     request_id = stream.headers["x-request-id"]
     assert re.fullmatch(r"[0-9a-f]{32}", request_id)
@@ -147,32 +149,23 @@ def test_a_soft_stop_refuses_new_connections_and_lets_the_running_stream_finish(
     ready, _, _ = fleet
     balancer = start_haproxy(tmp_path, ready)
     wait_for(lambda: balancer.active_servers() == 1, 30, interval=0.2, message="the replica to be checked up")
-    for _ in range(TRIES):
-        stream = Stream(balancer.url, prompt="Soft stop")
-        assert stream.first.wait(60), "the stream never started"
-        paused = workers(ready)
-        pause(paused, signal.SIGSTOP)
+
+    def soft_stop():
+        balancer.process.send_signal(signal.SIGUSR1)
+        wait_for(refused, 30, interval=0.05, message="the balancer to stop listening")
+
+    def refused():
         try:
-            caught = running(ready) == 1
-            if caught:
-                balancer.process.send_signal(signal.SIGUSR1)
+            httpx.get(f"{balancer.url}/health", timeout=5)
+        except httpx.ConnectError:
+            return True
+        return False
 
-                def refused():
-                    try:
-                        httpx.get(f"{balancer.url}/health", timeout=5)
-                    except httpx.ConnectError:
-                        return True
-                    return False
-
-                wait_for(refused, 30, interval=0.05, message="the balancer to stop listening")
-        finally:
-            pause(paused, signal.SIGCONT)
-        last = stream.result()
-        if caught:
-            break
-    else:
+    try:
+        _, last = mid_stream(balancer.url, "Soft stop", lambda: (ready,), soft_stop)
+    except pytest.fail.Exception:
         processes.stop(balancer.process)
-        pytest.fail(f"each of {TRIES} streams ended before the worker could be paused")
+        raise
     assert last["finish_reason"] == "length" and last["usage"]["completion_tokens"] == LONG
     assert balancer.process.wait(timeout=60) == 0
 
