@@ -104,8 +104,10 @@ class Stack:
             pytest.fail(f"{e}; last /health: {response and response.text}\n{self.diagnosis()}")
 
     def serving(self, timeout: float = 300) -> dict:
-        """Wait until the API serves a model; return /health's worker entry."""
-        body = self.wait_health(lambda r: r.status_code == 200, timeout, "the API to serve a checkpoint")
+        """Wait until the API serves a model and the balancer sends to it (its next check after the replica's
+        /health turns 200 takes it in: until then the balancer has no server); return /health's worker entry."""
+        body = self.wait_health(lambda r: r.status_code == 200 and self.balanced() >= 1, timeout,
+                                "the API to serve a checkpoint through the balancer")  # fmt: skip
         return body["workers"][0]
 
     def fleet_serving(self, replicas: int, step: int | None = None, timeout: float = 300) -> int:
