@@ -55,7 +55,9 @@ def open_stream(service, body: dict):
 def test_a_killed_http_server_is_replaced_and_its_clients_are_not_left_waiting(service, figures):
     restarts = []
     for _ in range(SCALE.worker_kills):
-        before = pids(service, "api")
+        # A fresh service's second HTTP server may not have registered yet: killing only one would leave two
+        # "new" pids and one restart.
+        before = wait_for(lambda: len(api := pids(service, "api")) == 2 and api, 10, message="both HTTP servers")
         restarted = service.metrics().get("gpt_process_restarts_total", role="api")
         client, response, lines = open_stream(service, {"prompt": "Cut off", "max_new_tokens": LONG})
         # Which HTTP server holds this stream is the kernel's choice: kill both, one after the other.
