@@ -9,6 +9,11 @@ Batch invariance: the numbers a request's tokens are drawn from do not depend on
 share its steps. Prompts are prefilled one by one (padding would change the kernels' shapes),
 decode attention spans exactly each row's prefix (`model.gpt.decode_runs`), and the decode batch's
 matrix products see only row counts whose per-row results their kernels keep (`decode_groups`).
+
+Speculative decoding (model/speculation.py) rides on the same invariance: a decode pass may hold
+several entries of one request, its last token and draft tokens at the following positions, and each
+entry's logits are those of a one-token step there. Random numbers are indexed by token position
+(`Sequence.uniform`), so the tokens are plain decoding's, whichever drafts were checked.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import itertools
 import math
 import secrets
+import time
 from collections import deque
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
@@ -27,6 +33,7 @@ from model.decode_linear import DecodeLinear
 from model.gpt import GPT, KVCache
 from model.quantize import Int8Linear
 from model.sampling import sample
+from model.speculation import DraftModel, DraftState, Planner
 from model.tokenizer import EOT_TOKEN, TextStream, Tokenizer
 
 FINISH_STOP = "stop"
@@ -78,6 +85,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_at_eot: bool = True
+    speculate: bool = True  # check drafts where the engine has a source (it never changes the tokens)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -93,12 +101,14 @@ class SamplingParams:
 
 @dataclass
 class TokenEvent:
-    """What one step produced for one request. `text` may be empty while characters are incomplete."""
+    """One token a step produced for one request (a step may produce several when drafts are kept).
+    `text` may be empty while characters are incomplete; `drafted` says the token was a kept draft."""
 
     request_id: Hashable
     token: int
     text: str
     finish_reason: str | None = None
+    drafted: bool = False
 
     @property
     def finished(self) -> bool:
@@ -116,14 +126,21 @@ class Sequence:
     text: TextStream | None
     tokens: list[int] = field(default_factory=list)
     cancelled: bool = False
+    finished: bool = False
+    draws: list[float] = field(default_factory=list)
+    draft: DraftState = field(default_factory=DraftState)
 
     @property
     def position(self) -> int:
         """Where the most recent token sits (and is written to the cache by the next decode)."""
         return len(self.prompt) + len(self.tokens) - 1
 
-    def draw(self) -> float:
-        return float(torch.rand((), generator=self.generator))
+    def uniform(self, index: int) -> float:
+        """The random number that new token `index` is sampled with: the index-th draw of the request's
+        seeded generator, the same whenever and however often it is asked for."""
+        while len(self.draws) <= index:
+            self.draws.append(float(torch.rand((), generator=self.generator)))
+        return self.draws[index]
 
 
 class Batch:
@@ -141,14 +158,15 @@ class Batch:
         self.sequences.extend(sequences)
         self._params = None
 
-    def filter(self, cache: KVCache, done: set[int]) -> None:
+    def filter(self, caches: list[KVCache], done: set[int]) -> None:
         """Drop rows in `done`, filling each hole with the last row so rows stay 0..B-1."""
         span = max(s.position for s in self.sequences) + 1
         for hole in sorted(done, reverse=True):
             last = len(self.sequences) - 1
             if hole != last:
-                cache.k[:, hole, :, :span] = cache.k[:, last, :, :span]
-                cache.v[:, hole, :, :span] = cache.v[:, last, :, :span]
+                for cache in caches:
+                    cache.k[:, hole, :, :span] = cache.k[:, last, :, :span]
+                    cache.v[:, hole, :, :span] = cache.v[:, last, :, :span]
                 self.sequences[hole] = self.sequences[last]
             self.sequences.pop()
         self._params = None
@@ -182,6 +200,9 @@ class Engine:
         max_batch_size: int = 8,
         max_seq_len: int | None = None,
         batch_invariant: bool = True,
+        prompt_lookup: bool = False,
+        draft_model: GPT | None = None,
+        draft_length: int | None = None,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -198,6 +219,39 @@ class Engine:
         self.batch = Batch(self.device)
         self.waiting: deque[Sequence] = deque()
         self._auto_ids = itertools.count()
+        self.planner: Planner | None = None
+        if prompt_lookup or draft_model is not None:
+            if not batch_invariant:
+                raise ValueError("speculative decoding keeps tokens identical only with batch invariance")
+            self.planner = Planner(prompt_lookup, None, draft_length)
+            self.set_draft(draft_model)
+
+    def fresh(self) -> Engine:
+        """An engine like this one, over the same weights, with nothing running."""
+        planner = self.planner
+        speculation = {}
+        if planner is not None:
+            draft = planner.draft.model if planner.draft else None
+            speculation = dict(prompt_lookup=planner.lookup is not None, draft_model=draft,
+                               draft_length=planner.fixed_length)  # fmt: skip
+        return Engine(self.model, self.tokenizer, self.max_batch_size, self.max_seq_len, self.batch_invariant,
+                      **speculation)  # fmt: skip
+
+    def set_draft(self, model: GPT | None) -> None:
+        """Draft with `model` from the next step on (None: no draft model). Running requests keep their
+        tokens: drafts only decide how soon they come."""
+        if self.planner is None:
+            raise ValueError("this engine was built without speculation")
+        if model is not None and model.config.vocab_size != self.config.vocab_size:
+            raise ValueError(
+                f"a draft model's vocabulary of {model.config.vocab_size} tokens is not the target's "
+                f"{self.config.vocab_size}: they must share a tokenizer"
+            )
+        self.planner.draft = None if model is None else DraftModel(model, self.max_batch_size, self.max_seq_len)
+
+    def _caches(self) -> list[KVCache]:
+        draft = self.planner.draft if self.planner else None
+        return [self.cache] if draft is None else [self.cache, draft.cache]
 
     @property
     def max_batch_size(self) -> int:
@@ -244,34 +298,70 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> list[TokenEvent]:
-        """Advance every request by one token; return one event per request that produced one."""
+        """Advance every request by a token, or by several where drafts were kept; return one event per token."""
         self._drop_cancelled()
         events = self._decode() if self.batch.sequences else []
         events += self._prefill()
-        # Decode events come in row order and admitted sequences were appended after them.
-        finished = {i for i, e in enumerate(events) if e.finished}
+        finished = {i for i, s in enumerate(self.batch.sequences) if s.finished}
         if finished:
-            self.batch.filter(self.cache, finished)
+            self.batch.filter(self._caches(), finished)
         return events
 
     def _drop_cancelled(self) -> None:
         self.waiting = deque(s for s in self.waiting if not s.cancelled)
         cancelled = {i for i, s in enumerate(self.batch.sequences) if s.cancelled}
         if cancelled:
-            self.batch.filter(self.cache, cancelled)
+            self.batch.filter(self._caches(), cancelled)
 
     def _decode(self) -> list[TokenEvent]:
         seqs = self.batch.sequences
+        params = self.batch.sampling_tensors()
+        drafts: list[list[int]] = [[] for _ in seqs]
+        if self.planner is not None:
+            sources, found, depth = self.planner.plan(seqs)
+            if any(depth):
+                drafts = self.planner.drafts(list(range(len(seqs))), seqs, sources, found, depth, params)
+                # Never an entry past the tokens asked for (nor, therefore, past the cache).
+                drafts = [d[: s.params.max_new_tokens - len(s.tokens) - 1] for s, d in zip(seqs, drafts)]
+        # One entry for each sequence's last token, then one for each of its draft tokens.
+        owners = [i for i, d in enumerate(drafts) for _ in range(1 + len(d))]
+        tokens = [t for s, d in zip(seqs, drafts) for t in (s.tokens[-1], *d)]
+        positions = [s.position + j for s, d in zip(seqs, drafts) for j in range(1 + len(d))]
+        started = time.perf_counter()
+        logits = self._target_pass(tokens, owners, positions)
+        if self.planner is not None:
+            self.planner.cost.observe(len(tokens), time.perf_counter() - started)
+        if len(tokens) == len(seqs):
+            return self._sample(seqs, logits, params, [len(s.tokens) for s in seqs])
+        counts = torch.tensor([1 + len(d) for d in drafts], device=self.device)
+        entries = [seqs[i] for i in owners]
+        indices = [len(s.tokens) + j for s, d in zip(seqs, drafts) for j in range(1 + len(d))]
+        picked = self._pick(entries, logits, [p.repeat_interleave(counts) for p in params], indices)
+        events, first = [], 0
+        for seq, draft, source in zip(seqs, drafts, sources):
+            context = len(seq.prompt) + len(seq.tokens)
+            kept = 0
+            for j, token in enumerate(picked[first : first + 1 + len(draft)]):
+                drafted = j < len(draft) and token == draft[j]
+                events.append(self._advance(seq, token, drafted))
+                if not drafted or events[-1].finished:
+                    break
+                kept += 1
+            if draft:
+                self.planner.checked(seq, source, context, len(draft), kept)
+            first += 1 + len(draft)
+        return events
+
+    def _target_pass(self, tokens: list[int], rows: list[int], positions: list[int]) -> torch.Tensor:
+        """Logits of every entry, the matrix products seeing only row counts their kernels keep."""
         fewest, most = self.row_range
         logits = []
-        for group in decode_groups(len(seqs), fewest, most):
-            tokens = [seqs[i].tokens[-1] for i in group] + [EOT_TOKEN] * (fewest - len(group))
-            idx = torch.tensor(tokens, device=self.device)
-            positions = [seqs[i].position for i in group]
-            decoded = self.model.decode(idx, list(group), positions, self.cache, self.batch_invariant)
+        for group in decode_groups(len(tokens), fewest, most):
+            idx = torch.tensor([tokens[i] for i in group] + [EOT_TOKEN] * (fewest - len(group)), device=self.device)
+            decoded = self.model.decode(idx, [rows[i] for i in group], [positions[i] for i in group], self.cache,
+                                        self.batch_invariant)  # fmt: skip
             logits.append(decoded[: len(group)])
-        logits = logits[0] if len(logits) == 1 else torch.cat(logits)
-        return self._sample(seqs, logits, self.batch.sampling_tensors())
+        return logits[0] if len(logits) == 1 else torch.cat(logits)
 
     def _prefill(self) -> list[TokenEvent]:
         free = self.max_batch_size - len(self.batch)
@@ -289,24 +379,30 @@ class Engine:
             padded = [s.prompt + [EOT_TOKEN] * (max(lengths) - len(s.prompt)) for s in admitted]
             logits = self.model.prefill(torch.tensor(padded, device=self.device), self.cache, first, lengths)
         self.batch.extend(admitted)
-        return self._sample(admitted, logits, sampling_tensors(admitted, self.device))
+        return self._sample(admitted, logits, sampling_tensors(admitted, self.device), [0] * len(admitted))
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, params) -> list[TokenEvent]:
-        uniform = torch.tensor([s.draw() for s in seqs], device=self.device)
-        tokens = sample(logits, *params, uniform).tolist()
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, params, indices: list[int]) -> list[TokenEvent]:
+        tokens = self._pick(seqs, logits, params, indices)
         return [self._advance(s, t) for s, t in zip(seqs, tokens)]
 
-    def _advance(self, seq: Sequence, token: int) -> TokenEvent:
+    def _pick(self, seqs: list[Sequence], logits: torch.Tensor, params, indices: list[int]) -> list[int]:
+        """The token of each row of `logits`: row i is new token `indices[i]` of `seqs[i]`."""
+        uniform = torch.tensor([s.uniform(i) for s, i in zip(seqs, indices)], device=self.device)
+        return sample(logits, *params, uniform).tolist()
+
+    def _advance(self, seq: Sequence, token: int, drafted: bool = False) -> TokenEvent:
         seq.tokens.append(token)
         params = seq.params
         if params.stop_at_eot and token == EOT_TOKEN:
-            return TokenEvent(seq.request_id, token, seq.text.finish() if seq.text else "", FINISH_STOP)
-        text = seq.text.push(token) if seq.text else ""
-        if seq.text and seq.text.stopped:
-            return TokenEvent(seq.request_id, token, text, FINISH_STOP)
-        if len(seq.tokens) >= params.max_new_tokens:
-            return TokenEvent(seq.request_id, token, text + (seq.text.finish() if seq.text else ""), FINISH_LENGTH)
-        return TokenEvent(seq.request_id, token, text)
+            text, finish = seq.text.finish() if seq.text else "", FINISH_STOP
+        else:
+            text, finish = seq.text.push(token) if seq.text else "", None
+            if seq.text and seq.text.stopped:
+                finish = FINISH_STOP
+            elif len(seq.tokens) >= params.max_new_tokens:
+                text, finish = text + (seq.text.finish() if seq.text else ""), FINISH_LENGTH
+        seq.finished = finish is not None
+        return TokenEvent(seq.request_id, token, text, finish, drafted)
 
     def stream(self) -> Iterator[TokenEvent]:
         """Step until every queued request has finished, yielding events as they are produced."""

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from model import ContextLengthError, Engine
+from model import ContextLengthError
 from service import metrics
 from service.loading import Loaded
 from service.messages import FINISH_ABORT, Accepted, Chunk, Failed, GenerationRequest, Refused, ServerGone
@@ -198,9 +198,7 @@ class Scheduler:
         over the same weights, since a failed step leaves the old one's batch undefined."""
         fresh = None
         if self._current is loaded:
-            old = loaded.engine
-            engine = Engine(old.model, old.tokenizer, old.max_batch_size, old.max_seq_len, old.batch_invariant)
-            fresh = Loaded(engine, loaded.info)
+            fresh = Loaded(loaded.engine.fresh(), loaded.info)
         with self._cond:
             queued = [t for t in self._inbox if t.loaded is loaded]
             self._inbox = [t for t in self._inbox if t.loaded is not loaded]

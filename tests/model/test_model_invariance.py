@@ -69,16 +69,21 @@ def linear_layer(linear: torch.nn.Linear, dtype: str, weights: str) -> torch.nn.
 
 
 class RecordingEngine(Engine):
-    """The engine, keeping the logits each request's tokens were drawn from."""
+    """The engine, keeping the logits each request's tokens were drawn from: `logits[request][i]` for new
+    token i. A draft position checked and dropped is sampled again at a later step, which overwrites it."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.logits: dict = {}
 
-    def _sample(self, seqs, logits, params):
-        for seq, row in zip(seqs, logits):
-            self.logits.setdefault(seq.request_id, []).append(row.clone())
-        return super()._sample(seqs, logits, params)
+    def _pick(self, seqs, logits, params, indices):
+        for seq, row, index in zip(seqs, logits, indices):
+            self.logits.setdefault(seq.request_id, {})[index] = row.clone()
+        return super()._pick(seqs, logits, params, indices)
+
+    def drawn_from(self, request_id, count: int) -> list[torch.Tensor]:
+        """The logits of the first `count` new tokens (a check may have looked past the last)."""
+        return [self.logits[request_id][i] for i in range(count)]
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +152,8 @@ def check_joining_requests(model: GPT) -> None:
     for name, (ids, params, _) in compared.items():
         alone = RecordingEngine(model, max_batch_size=1, max_seq_len=256)
         solo_tokens = alone.generate_tokens([ids], params)[0]
-        for step, (solo, row) in enumerate(zip(alone.logits[0], batched.logits[name])):
+        drawn = zip(alone.drawn_from(0, len(solo_tokens)), batched.drawn_from(name, len(solo_tokens)), strict=True)
+        for step, (solo, row) in enumerate(drawn):
             assert torch.equal(solo, row), f"{name}: logits differ at step {step}"
         assert solo_tokens == tokens[name], name
 
@@ -219,5 +225,6 @@ def test_without_batch_invariance_the_batched_path_computes_each_request_as_alon
         alone = RecordingEngine(model, max_batch_size=1, max_seq_len=256)
         assert alone.generate_tokens([ids], params)[0] == tokens[name], name
         bound = logits_bound(model, torch.tensor([ids + tokens[name]]))
-        for step, (solo, row) in enumerate(zip(alone.logits[0], batched.logits[name], strict=True)):
+        drawn = zip(alone.drawn_from(0, len(tokens[name])), batched.drawn_from(name, len(tokens[name])), strict=True)
+        for step, (solo, row) in enumerate(drawn):
             assert (row - solo).abs().max().item() <= bound, f"{name}: logits at step {step}"
