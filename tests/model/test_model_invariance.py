@@ -108,34 +108,66 @@ def kernel_path(request):
     native.use_path(None)
 
 
+@pytest.fixture(scope="module")
+def draft(mini) -> GPT:
+    """A draft model whose distributions are near the target's, as a trained draft's are: its proposals,
+    sampled with each request's own random numbers, are mostly kept and sometimes not."""
+    model = copy.deepcopy(mini)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(5)) * 0.002)
+    return model
+
+
+SPECULATION = ["off", "lookup", "draft"]
+
+
+def speculation(mode: str, draft: GPT) -> dict:
+    """Engine options: none, or drafts from one source, as many tokens wherever a request can take them
+    (prompt lookup finds drafts where greedy text loops; the draft model, run once per draft token, drafts
+    two at a time for the tests' time)."""
+    return {"off": {}, "lookup": dict(prompt_lookup=True, draft_length=4), "draft": dict(draft_model=draft, draft_length=2)}[mode]
+
+
+@pytest.mark.parametrize("mode", SPECULATION)
 @pytest.mark.parametrize("dtype,weights", LAYOUTS, ids=[f"{d}-{w}" for d, w in LAYOUTS])
-def test_seeded_requests_joining_a_running_batch_draw_from_their_solo_numbers(mini, dtype, weights):
-    check_joining_requests(layout(mini, dtype, weights))
+def test_seeded_requests_joining_a_running_batch_draw_from_their_solo_numbers(mini, draft, dtype, weights, mode):
+    check_joining_requests(layout(mini, dtype, weights), speculation(mode, draft))
 
 
+@pytest.mark.parametrize("mode", SPECULATION)
 @pytest.mark.parametrize("dtype,weights,kernel_path", ENGINE_CASES, ids=["-".join(c) for c in ENGINE_CASES],
                          indirect=["kernel_path"])  # fmt: skip
-def test_on_our_kernels_requests_joining_a_running_batch_draw_from_their_solo_numbers(mini, dtype, weights, kernel_path):
+def test_on_our_kernels_requests_joining_a_running_batch_draw_from_their_solo_numbers(
+    mini, draft, dtype, weights, kernel_path, mode
+):
     model = layout(mini, dtype, weights)
     assert row_range(model) == ANY_ROW_COUNT  # no padding, no row-count groups
-    check_joining_requests(model)
+    check_joining_requests(model, speculation(mode, draft))
 
 
-def check_joining_requests(model: GPT) -> None:
+def repeating(ids: list[int]) -> list[int]:
+    """A prompt whose second half repeats its first, so that prompt lookup finds drafts."""
+    return ids + ids[: len(ids) // 2]
+
+
+def check_joining_requests(model: GPT, speculating: dict) -> None:
+    """Every compared request's tokens and logits, batched with others as they join and leave (and checked
+    against drafts when `speculating` holds engine options for it), equal plain decoding's alone."""
     # Compared requests: every sampling setting, prompts from 1 to 150 tokens, joining at staggered steps.
     compared = {
-        name: (prompt(length, seed), SamplingParams(max_new_tokens=10, seed=seed, stop_at_eot=False, **setting), join)
+        name: (repeating(prompt(length, seed)), SamplingParams(max_new_tokens=10, seed=seed, stop_at_eot=False, **setting), join)
         for (name, setting), length, seed, join in zip(
-            SETTINGS.items(), (1, 150, 7, 60, 33, 2), range(1, 7), (0, 0, 2, 3, 5, 9)
+            SETTINGS.items(), (1, 100, 7, 40, 22, 2), range(1, 7), (0, 0, 2, 3, 5, 9)
         )
-    }
+    }  # fmt: skip
     # Fillers of other lengths come and go, so the batch grows past 16 rows (below, plain fp32 rows
     # are padded to 16) and shrinks again, moving rows around the cache as they leave.
     fillers = {
         f"filler {i}": (prompt(2 + 5 * i, 100 + i), SamplingParams(max_new_tokens=3 + 2 * i, seed=i, stop_at_eot=False), i % 5)
         for i in range(14)
     }  # fmt: skip
-    batched = RecordingEngine(model, max_batch_size=20, max_seq_len=256)
+    batched = RecordingEngine(model, max_batch_size=20, max_seq_len=256, **speculating)
     requests = compared | fillers
     tokens: dict = {}
     last_join = max(join for _, _, join in requests.values())
@@ -149,13 +181,21 @@ def check_joining_requests(model: GPT) -> None:
         widest = max(widest, batched.num_running)
         step += 1
     assert widest > PLAIN_FP32_ROW_RANGE[0]
+    if speculating:  # drafts were checked, and some were kept and some not
+        [(source, proposed)] = batched.planner.stats.proposed.items()
+        assert 0 < batched.planner.stats.accepted[source] < proposed, batched.planner.stats
     for name, (ids, params, _) in compared.items():
         alone = RecordingEngine(model, max_batch_size=1, max_seq_len=256)
         solo_tokens = alone.generate_tokens([ids], params)[0]
-        drawn = zip(alone.drawn_from(0, len(solo_tokens)), batched.drawn_from(name, len(solo_tokens)), strict=True)
-        for step, (solo, row) in enumerate(drawn):
-            assert torch.equal(solo, row), f"{name}: logits differ at step {step}"
-        assert solo_tokens == tokens[name], name
+        runs = {"batched": (batched, name, tokens[name])}
+        if speculating:
+            drafting = RecordingEngine(model, max_batch_size=1, max_seq_len=256, **speculating)
+            runs["alone, speculating"] = (drafting, 0, drafting.generate_tokens([ids], params)[0])
+        for run, (engine, request, run_tokens) in runs.items():
+            drawn = zip(alone.drawn_from(0, len(solo_tokens)), engine.drawn_from(request, len(solo_tokens)), strict=True)
+            for step, (solo, row) in enumerate(drawn):
+                assert torch.equal(solo, row), f"{name} {run}: logits differ at step {step}"
+            assert solo_tokens == run_tokens, f"{name} {run}"
 
 
 @pytest.mark.parametrize("dtype,weights,kernel_path", NATIVE_CASES, ids=["-".join(c) for c in NATIVE_CASES],
