@@ -389,7 +389,10 @@ def streamed_text(events: list) -> str:
 
 def test_three_replicas_share_30_concurrent_streams_each_the_text_of_its_solo_run(stack):
     # The trainer is stopped (the one-off run above): one checkpoint, so every replica computes alike.
-    stack.compose.ok("up", "-d", "--scale", f"api={REPLICAS}", "api", "lb")
+    # The replicas come from the compose file's deploy.replicas (API_REPLICAS), kept for the checks after
+    # this one; the scaling check uses --scale.
+    stack.compose.env["API_REPLICAS"] = str(REPLICAS)
+    stack.compose.ok("up", "-d", "api", "lb")
     stack.fleet_serving(REPLICAS)
     bodies = [{"prompt": f"Replica {i}", "max_new_tokens": 24, "temperature": 0.8, "seed": i} for i in range(30)]
     solo = [stack.predict(**body)["text"] for body in bodies]
