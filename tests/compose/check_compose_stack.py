@@ -58,6 +58,29 @@ TRAINER_ENV = {
 # fp32 everywhere: --dtype auto times each precision at load, and replicas could choose differently.
 API_ENV = {"SERVICE_POLL_INTERVAL": "0.5", "SERVICE_MAX_NEW_TOKENS": "4000", "SERVICE_DTYPE": "fp32"}
 REPLICAS = 3
+# The two-node training (profile multinode): 20 steps of the tiny model, a fresh run.
+NODES = ("trainer-node0", "trainer-node1")
+NODE_ENV = {**TRAINER_ENV, "TRAINER_STEPS": "20", "TRAINER_BLOCK_SIZE": "64", "TRAINER_EVAL_INTERVAL": "10",
+            "TRAINER_CHECKPOINT_INTERVAL": "5", "TRAINER_LOG_INTERVAL": "1", "TRAINER_RESUME": "false"}  # fmt: skip
+# The same data as the nodes' command: the host's input.txt when there is one.
+ONE_NODE = ('if [ -f /corpus/input.txt ]; then data=/corpus/input.txt; else data=builtin:pydoc; fi; exec torchrun '
+            '--standalone --nproc-per-node 2 -m trainer fit --data "$data" --out /checkpoints/one-node')  # fmt: skip
+# Run in a container over the nodes' volume: how far the two runs' weights and logged losses part.
+COMPARE = """
+import json
+from pathlib import Path
+from model import read_checkpoint
+runs = [Path("/checkpoints"), Path("/checkpoints/one-node")]
+a, b = (read_checkpoint(run / "final_model.pt")["model"] for run in runs)
+losses = [{r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+          for run in runs]
+print(json.dumps({
+    "same_tensors": sorted(a) == sorted(b),
+    "weights": max((a[k] - b[k]).abs().max().item() for k in a),
+    "steps": [sorted(l) for l in losses],
+    "losses": max(abs(losses[0][s] - losses[1][s]) for s in losses[0]),
+}))
+"""
 
 
 class Stack:
@@ -191,6 +214,7 @@ def stack(request, tmp_path_factory):
                 override.write_text(yaml.safe_dump({"services": {
                     "api": {"build": build, "environment": API_ENV},
                     "trainer": {"build": build, "environment": TRAINER_ENV},
+                    **{node: {"build": build, "environment": NODE_ENV} for node in NODES},
                 }}))  # fmt: skip
                 ports = {"API_PORT": str(api_port), "PROMETHEUS_PORT": str(prometheus_port)}
                 env = {**engine.env, **docker_config, **ports}
@@ -522,6 +546,26 @@ def test_a_replica_killed_mid_stream_fails_only_its_own_streams(stack):
         traffic.stop()
     # Docker starts the killed replica again (restart: unless-stopped), and it serves.
     stack.fleet_serving(REPLICAS)
+
+
+def test_two_trainer_nodes_train_as_one_node_of_two_processes(stack):
+    """torchrun across two containers (a c10d rendezvous at node 0, rank 0 publishing) ends with the weights
+    and the loss curve of one container running two processes, within fp32 rounding."""
+    multinode = ("--profile", "multinode")
+    stack.compose.ok(*multinode, "up", "-d", *NODES)
+
+    def finished():
+        states = [stack.compose.container(node)["State"] for node in NODES]
+        return all(state["Status"] == "exited" for state in states) and states
+
+    states = wait_for(finished, 600, interval=2.0, message="both trainer nodes to finish their 20 steps")
+    assert [state["ExitCode"] for state in states] == [0, 0], stack.compose.logs(*NODES)
+    stack.compose.ok(*multinode, "run", "--rm", "-T", "--no-deps", NODES[0], "sh", "-c", ONE_NODE)
+    output = stack.compose.ok(*multinode, "run", "--rm", "-T", "--no-deps", NODES[0], "python", "-c", COMPARE)
+    compared = json.loads(output.strip().splitlines()[-1])
+    assert compared["same_tensors"] and compared["steps"] == [list(range(1, 21))] * 2, compared
+    assert compared["weights"] <= 1e-5 and compared["losses"] <= 1e-5, compared
+    stack.compose.ok(*multinode, "rm", "-f", "-s", *NODES)
 
 
 def test_down_leaves_nothing_of_the_project(stack):
