@@ -174,12 +174,21 @@ def test_a_draft_swapped_under_a_running_stream_changes_none_of_its_text(service
     assert service.predict(**probe)["usage"]["drafted_tokens"] < drafted_before / 2
 
 
-def test_a_bad_draft_file_is_refused_and_the_previous_draft_keeps_drafting(service, drafts, tmp_path):
+def other_tokenizer(path):
+    save_checkpoint(path, tiny_model(), step=99, tokenizer="cl100k_base")
+
+
+def random_bytes(path):
+    path.write_bytes(os.urandom(4096))
+
+
+@pytest.mark.parametrize("spoil", [other_tokenizer, random_bytes])
+def test_a_bad_draft_file_is_refused_and_the_previous_draft_keeps_drafting(service, drafts, tmp_path, spoil):
     assert draft_of(service)["step"] == 6
     failures = service.metrics().get("gpt_draft_reloads_total", result="failure")
     staged = tmp_path / "draft.pt"
-    save_checkpoint(staged, tiny_model(), step=99, tokenizer="cl100k_base")
-    os.replace(staged, drafts / "best_model.pt")
+    spoil(staged)
+    os.replace(staged, drafts / "best_model.pt")  # published atomically, like the trainer
     wait_for(
         lambda: service.metrics().get("gpt_draft_reloads_total", result="failure") == failures + 1,
         30,
