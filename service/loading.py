@@ -104,7 +104,7 @@ class ModelLoader:
     def draft(self, path: Path) -> Draft:
         """The draft model at `path`, in the served precision and layout; CheckpointError (naming the file)
         if it cannot draft for this service. Any architecture drafts: only the tokenizer must be the same.
-        Called once a model is served, so that --dtype auto has chosen the precision."""
+        Called once a model is loaded, so that --dtype auto has chosen the precision."""
         model, meta = load_checkpoint(path, self.device)
         self._check_tokenizer(meta, path)
         self._check_vocabulary(model, path)

@@ -78,7 +78,7 @@ class ServiceSettings(BaseSettings):
         None,
         description="Draft model for speculative decoding: a checkpoint file, or a folder (one when the service "
         "starts) whose --checkpoint-name file, its best checkpoint, is used; any size, same tokenizer. Loaded in "
-        "the served precision and layout once a model is served, and hot-reloaded like it: a new version is "
+        "the served precision and layout with the first model, and hot-reloaded like it: a new version is "
         "swapped in between decode steps (running requests keep their text), a bad one is logged and the "
         "previous draft kept.",
     )

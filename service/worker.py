@@ -100,16 +100,17 @@ def start_worker(settings: ServiceSettings, board: StatusBoard, controls: list, 
         )
 
     def install(loaded: Loaded) -> None:
+        if drafts is not None and not drafts.started:
+            # The draft takes the precision of the first model loaded (--dtype auto chooses it then), and is
+            # there before that model takes its first request.
+            drafts.poll()
+            drafts.start()
         log.info("worker %d serves %s on %s", worker_id, loader.weights, torch_device)
         scheduler.install(loaded)
         board.post(worker_id, loaded.info, loader.dtype_name)
         metrics.MODEL_STEP.set(math.nan if loaded.info.step is None else loaded.info.step)
         metrics.MODEL_VAL_LOSS.set(math.nan if loaded.info.val_loss is None else loaded.info.val_loss)
         metrics.MODEL_DTYPE.labels(loader.dtype_name).set(1)
-        if drafts is not None and not drafts.started:
-            # Once a model is served, its precision (--dtype auto) is the draft's too.
-            drafts.poll()
-            drafts.start()
 
     watcher = CheckpointWatcher(
         settings.checkpoint_path, settings.poll_interval, settings.load_timeout, loader.checkpoint, install
