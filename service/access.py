@@ -60,6 +60,7 @@ def _record(scope, state: dict, status: int | None, latency: float) -> None:
         "latency_ms": round(latency * 1000, 3),
         "prompt_tokens": state.get("prompt_tokens"),
         "completion_tokens": state.get("completion_tokens"),
+        "drafted_tokens": state.get("drafted_tokens"),
         "finish_reason": finish_reason,
         "worker": state.get("worker"),
     }

@@ -153,6 +153,7 @@ class WorkerCall:
         self.done = False
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.drafted_tokens = 0
         self.finish_reason: str | None = None
 
     async def start(self, request: GenerationRequest) -> Accepted:
@@ -184,6 +185,7 @@ class WorkerCall:
                 self.done = True
                 raise Refusal(message.reason)
             self.completion_tokens += message.tokens
+            self.drafted_tokens += message.drafted
             if message.finish_reason is not None:
                 self.done = True
                 self.finish_reason = message.finish_reason

@@ -1,4 +1,5 @@
-"""Turning checkpoints and pretrained weights into engines a worker can serve, or refusing them."""
+"""Turning checkpoints and pretrained weights into engines a worker can serve, and checkpoints into draft
+models for them (speculative decoding), or refusing them."""
 
 from __future__ import annotations
 
@@ -26,6 +27,15 @@ class Loaded:
 
     engine: Engine
     info: ModelInfo
+    draft: Draft | None = None  # the draft model the engine proposes with, set by the scheduler
+
+
+@dataclass
+class Draft:
+    """A draft model ready to propose tokens to the served engines, and which checkpoint it is."""
+
+    model: GPT
+    info: ModelInfo
 
 
 class ModelLoader:
@@ -38,6 +48,7 @@ class ModelLoader:
         tokenizer: Tokenizer,
         max_batch_size: int,
         batch_invariant: bool = True,
+        draft_length: int | None = None,
     ):
         self.device = device
         # None until --dtype auto has measured which precision decodes faster (at the first load).
@@ -50,6 +61,7 @@ class ModelLoader:
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.batch_invariant = batch_invariant
+        self.draft_length = draft_length
         self.shape: dict | None = None
 
     @property
@@ -78,22 +90,27 @@ class ModelLoader:
         the workers need, which a restart (that takes whatever is there) should decide.
         """
         model, meta = load_checkpoint(path, self.device)
-        if meta.get("tokenizer", self.tokenizer.name) != self.tokenizer.name:
-            raise CheckpointError(
-                f"{path}: trained with tokenizer {meta['tokenizer']!r}, this service speaks {self.tokenizer.name!r}"
-            )
+        self._check_tokenizer(meta, path)
         shape = _shape(model)
         if self.shape is not None and shape != self.shape:
             raise CheckpointError(
                 f"{path}: architecture {shape} differs from the served checkpoint's {self.shape}; "
                 "restart the service to serve it"
             )
-        info = ModelInfo(
-            step=_number(meta.get("step"), int), val_loss=_number(meta.get("val_loss"), float), checkpoint=path.name
-        )
-        loaded = self._serve(model, info, path)
+        loaded = self._serve(model, _info(meta, path), path)
         self.shape = shape
         return loaded
+
+    def draft(self, path: Path) -> Draft:
+        """The draft model at `path`, in the served precision and layout; CheckpointError (naming the file)
+        if it cannot draft for this service. Any architecture drafts: only the tokenizer must be the same.
+        Called once a model is loaded, so that --dtype auto has chosen the precision."""
+        model, meta = load_checkpoint(path, self.device)
+        self._check_tokenizer(meta, path)
+        self._check_vocabulary(model, path)
+        model = self._prepare(model, self.dtype)
+        self._probe(model, path)
+        return Draft(model, _info(meta, path))
 
     def pretrained(self, name_or_path: str) -> Loaded:
         """Hugging Face GPT-2 weights (a hub name or a save_pretrained directory)."""
@@ -101,19 +118,32 @@ class ModelLoader:
         return self._serve(model, ModelInfo(step=None, val_loss=None, checkpoint=Path(name_or_path).name), name_or_path)
 
     def _serve(self, model: GPT, info: ModelInfo, source) -> Loaded:
+        self._check_vocabulary(model, source)
+        if self.dtype is None:
+            model = self._choose_dtype(model)
+        else:
+            model = self._prepare(model, self.dtype)
+        self._probe(model, source)
+        # Prompt lookup costs nothing where no request speculates; drafts need batch invariance.
+        engine = Engine(
+            model, self.tokenizer, self.max_batch_size, batch_invariant=self.batch_invariant,
+            prompt_lookup=self.batch_invariant, draft_length=self.draft_length,
+        )  # fmt: skip
+        return Loaded(engine, info)
+
+    def _check_tokenizer(self, meta: dict, path: Path) -> None:
+        if meta.get("tokenizer", self.tokenizer.name) != self.tokenizer.name:
+            raise CheckpointError(
+                f"{path}: trained with tokenizer {meta['tokenizer']!r}, this service speaks {self.tokenizer.name!r}"
+            )
+
+    def _check_vocabulary(self, model: GPT, source) -> None:
         if model.config.vocab_size != self.tokenizer.vocab_size:
             # Prompt tokens beyond a smaller vocabulary would index past the embedding table.
             raise CheckpointError(
                 f"{source}: a vocabulary of {model.config.vocab_size} tokens does not fit the "
                 f"{self.tokenizer.vocab_size} of tokenizer {self.tokenizer.name}"
             )
-        if self.dtype is None:
-            model = self._choose_dtype(model)
-        else:
-            model = self._prepare(model, self.dtype)
-        self._probe(model, source)
-        engine = Engine(model, self.tokenizer, self.max_batch_size, batch_invariant=self.batch_invariant)
-        return Loaded(engine, info)
 
     def _prepare(self, model: GPT, dtype: torch.dtype) -> GPT:
         model = quantize(model.to(dtype).eval(), self.quantization)
@@ -139,6 +169,12 @@ class ModelLoader:
                 f"{source}: the model's logits on a probe prompt are not finite in {self.dtype_name}; "
                 "its weights are broken or overflow this precision"
             )
+
+
+def _info(meta: dict, path: Path) -> ModelInfo:
+    return ModelInfo(
+        step=_number(meta.get("step"), int), val_loss=_number(meta.get("val_loss"), float), checkpoint=path.name
+    )
 
 
 def _shape(model: GPT) -> dict:

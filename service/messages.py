@@ -59,11 +59,13 @@ class Refused:
 
 @dataclass(frozen=True)
 class Chunk:
-    """New text and how many tokens it came from; the last chunk of a request has a finish reason."""
+    """New text, how many tokens it came from and how many of those were kept drafts (speculative
+    decoding); the last chunk of a request has a finish reason."""
 
     text: str
     tokens: int
     finish_reason: str | None = None
+    drafted: int = 0
 
 
 @dataclass(frozen=True)
@@ -81,12 +83,19 @@ class ServerGone:
 
 
 def merge_chunks(messages: list) -> list:
-    """Consecutive chunks joined into one (texts concatenated, tokens added); other messages kept."""
+    """Consecutive chunks joined into one (texts concatenated, counts added); other messages kept."""
     merged: list = []
     for message in messages:
         previous = merged[-1] if merged else None
         if isinstance(message, Chunk) and isinstance(previous, Chunk) and previous.finish_reason is None:
-            merged[-1] = Chunk(previous.text + message.text, previous.tokens + message.tokens, message.finish_reason)
+            merged[-1] = join(previous, message)
         else:
             merged.append(message)
     return merged
+
+
+def join(first: Chunk, second: Chunk) -> Chunk:
+    """One chunk for two consecutive ones of a request."""
+    return Chunk(
+        first.text + second.text, first.tokens + second.tokens, second.finish_reason, first.drafted + second.drafted
+    )

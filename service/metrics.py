@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
+from model.speculation import MAX_DRAFT
 from service import metricstore
 
 # Before the first metric opens its file.
@@ -81,7 +82,7 @@ TIME_TO_FIRST_TOKEN = Histogram(
 )
 INTER_TOKEN_LATENCY = Histogram(
     "gpt_inter_token_latency_seconds",
-    "Time between consecutive tokens of one request.",
+    "Time between consecutive tokens of one request (the tokens one step gives a request share its time evenly).",
     buckets=TOKEN_LATENCY_BUCKETS,
 )
 QUEUE_TIME = Histogram(
@@ -92,6 +93,21 @@ QUEUE_TIME = Histogram(
 PROMPT_TOKENS = Counter("gpt_prompt_tokens", "Prompt tokens prefilled.")
 GENERATION_TOKENS = Counter("gpt_generation_tokens", "Tokens generated.")
 BATCH_SIZE = Histogram("gpt_batch_size", "Requests advanced by one decode step.", buckets=BATCH_BUCKETS)
+SPECULATION_PROPOSED = Counter(
+    "gpt_speculation_proposed_tokens",
+    "Draft tokens checked by the served model, by source (lookup, draft).",
+    ["source"],
+)
+SPECULATION_ACCEPTED = Counter(
+    "gpt_speculation_accepted_tokens",
+    "Draft tokens kept (each the very token plain decoding gives there), by source (lookup, draft).",
+    ["source"],
+)
+TOKENS_PER_PASS = Histogram(
+    "gpt_speculation_tokens_per_pass",
+    "Tokens one decode pass of the served model gave one request: 1, plus its kept draft tokens.",
+    buckets=tuple(range(1, MAX_DRAFT + 2)),
+)
 RUNNING = Gauge("gpt_num_requests_running", "Requests in a running batch.", multiprocess_mode="livesum")
 WAITING = Gauge(
     "gpt_num_requests_waiting",
@@ -108,6 +124,11 @@ MODEL_VAL_LOSS = Gauge(
 )
 RELOAD_RESULTS = ("success", "failure", "timeout")
 RELOADS = Counter("gpt_model_reloads", "Checkpoint loads, by result (success, failure, timeout).", ["result"])
+DRAFT_RELOADS = Counter(
+    "gpt_draft_reloads",
+    "Draft checkpoint loads (--draft-checkpoint), by result (success, failure, timeout).",
+    ["result"],
+)
 MODEL_DTYPE = Gauge(
     "gpt_model_dtype",
     "1 for the precision the served weights compute in (--dtype auto measures the candidates), 0 for the others.",

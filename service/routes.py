@@ -84,7 +84,7 @@ class Routes:
     async def predict(self, request: Request) -> Response:
         self.authorize(request)
         body = await self._parse(request, schemas.PredictRequest, malformed_status=422)
-        call, accepted = await self._start(request, body.prompt, body.sampling())
+        call, accepted = await self._start(request, body.prompt, body.sampling(self.settings.speculation))
         headers = _model_headers(accepted)
 
         def final(text: str, finish_reason: str) -> dict:
@@ -103,7 +103,7 @@ class Routes:
         body = await self._parse(request, schemas.CompletionRequest, malformed_status=400)
         if body.model != self.settings.model_name:
             raise self._unknown_model(body.model, "model")
-        call, accepted = await self._start(request, body.prompt, body.sampling())
+        call, accepted = await self._start(request, body.prompt, body.sampling(self.settings.speculation))
         completion_id = f"cmpl-{request.state.request_id}"
         created = int(time.time())
 
@@ -273,6 +273,7 @@ class Routes:
         call.close()
         state = request.state
         state.prompt_tokens, state.completion_tokens = call.prompt_tokens, call.completion_tokens
+        state.drafted_tokens = call.drafted_tokens
         state.finish_reason = call.finish_reason
 
     def _model_card(self) -> dict:
@@ -325,7 +326,7 @@ class _BodyBudget:
 
 
 def _usage(call: WorkerCall) -> dict:
-    return schemas.usage(call.prompt_tokens, call.completion_tokens)
+    return schemas.usage(call.prompt_tokens, call.completion_tokens, call.drafted_tokens)
 
 
 def _model_headers(accepted: Accepted) -> dict[str, str]:
@@ -351,6 +352,7 @@ def _worker_view(worker, stall_timeout: float) -> dict:
         "checkpoint": worker.checkpoint or None,
         "loaded_at": worker.loaded_at,
         "dtype": worker.dtype or None,
+        "draft": worker.draft and {**worker.draft.as_dict(), "loaded_at": worker.draft_loaded_at},
     }
 
 

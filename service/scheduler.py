@@ -10,7 +10,11 @@ board that it moved, so that a stopped or hung worker is seen from outside.
 
 Hot reload: `install` makes a new engine current. Requests accepted before keep running on the
 engine (and weights) they were accepted by; each engine with work is stepped until it drains and
-is then dropped.
+is then dropped. `set_draft` gives every engine a new draft model (speculative decoding) at the next
+step boundary, running requests included: drafts decide only how soon their tokens come.
+
+A step may give a request several tokens (kept drafts): they travel in one chunk, and count as one
+row of the step's batch.
 """
 
 from __future__ import annotations
@@ -19,12 +23,14 @@ import logging
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from model import ContextLengthError
+from model import ContextLengthError, TokenEvent
+from model.speculation import Planner
 from service import metrics
-from service.loading import Loaded
+from service.loading import Draft, Loaded
 from service.messages import FINISH_ABORT, Accepted, Chunk, Failed, GenerationRequest, Refused, ServerGone
 from service.status import StatusBoard
 
@@ -51,6 +57,7 @@ class Scheduler:
         self.checkpoint = checkpoint
         self._cond = threading.Condition()
         self._current: Loaded | None = None
+        self._draft: Draft | None = None
         # Requests accepted for the current model and not yet finished: the bound of submit(), kept here
         # under the lock because the engine's own counts miss the rows it is moving into its batch.
         self._held = 0
@@ -77,6 +84,11 @@ class Scheduler:
             self._current = loaded
             self._held = 0
             self._cond.notify()
+
+    def set_draft(self, draft: Draft) -> None:
+        """Draft with `draft` from the next step on, in every engine."""
+        with self._cond:
+            self._draft = draft
 
     def submit(self, request: GenerationRequest, sink: Sink) -> Accepted | Refused:
         """Accept a request (its chunks then go to `sink`, from the scheduler thread) or say why not."""
@@ -128,10 +140,15 @@ class Scheduler:
                     self._cond.wait()
                 inbox, self._inbox = self._inbox, []
                 cancels, self._cancels = self._cancels, []
+                draft = self._draft
             for tracked in inbox:
                 self._admit(tracked)
             for what in cancels:
                 self._cancel(what)
+            for loaded in self._active:
+                if loaded.draft is not draft:
+                    loaded.engine.set_draft(draft.model)
+                    loaded.draft = draft
             for loaded in list(self._active):
                 self._step(loaded)
             self._active = [a for a in self._active if a.engine.has_work()]
@@ -167,6 +184,8 @@ class Scheduler:
 
     def _step(self, loaded: Loaded) -> None:
         started = time.monotonic()
+        planner = loaded.engine.planner
+        checked = _speculation_counts(planner)
         try:
             events = loaded.engine.step()
         except Exception:
@@ -174,31 +193,40 @@ class Scheduler:
             self._fail(loaded)
             return
         now = time.monotonic()
-        if events:
-            metrics.BATCH_SIZE.observe(len(events))
-            metrics.GENERATION_TOKENS.inc(len(events))
+        _count_speculation(planner, checked)
+        produced: dict[str, list[TokenEvent]] = {}
         for event in events:
-            tracked = self._requests.get(event.request_id)
+            produced.setdefault(event.request_id, []).append(event)
+        if events:
+            metrics.BATCH_SIZE.observe(len(produced))
+            metrics.GENERATION_TOKENS.inc(len(events))
+        for request_id, tokens in produced.items():
+            tracked = self._requests.get(request_id)
             if tracked is None:
                 continue
             if tracked.last_token_at is None:
+                # A request's first token comes alone, from its prefill.
                 metrics.QUEUE_TIME.observe(started - tracked.request.received_at)
                 metrics.TIME_TO_FIRST_TOKEN.observe(now - tracked.request.received_at)
                 metrics.PROMPT_TOKENS.inc(len(tracked.request.prompt))
             else:
-                metrics.INTER_TOKEN_LATENCY.observe(now - tracked.last_token_at)
+                metrics.TOKENS_PER_PASS.observe(len(tokens))
+                for _ in tokens:
+                    metrics.INTER_TOKEN_LATENCY.observe((now - tracked.last_token_at) / len(tokens))
             tracked.last_token_at = now
-            if event.finished:
-                del self._requests[event.request_id]
+            last = tokens[-1]
+            if last.finished:
+                del self._requests[request_id]
                 self._release(tracked)
-            _deliver(tracked, Chunk(event.text, 1, event.finish_reason))
+            text = "".join(event.text for event in tokens)
+            _deliver(tracked, Chunk(text, len(tokens), last.finish_reason, sum(event.drafted for event in tokens)))
 
     def _fail(self, loaded: Loaded) -> None:
         """Fail every request of an engine whose step raised; a current engine is replaced by a fresh one
         over the same weights, since a failed step leaves the old one's batch undefined."""
         fresh = None
         if self._current is loaded:
-            fresh = Loaded(loaded.engine.fresh(), loaded.info)
+            fresh = Loaded(loaded.engine.fresh(), loaded.info, loaded.draft)
         with self._cond:
             queued = [t for t in self._inbox if t.loaded is loaded]
             self._inbox = [t for t in self._inbox if t.loaded is not loaded]
@@ -211,6 +239,24 @@ class Scheduler:
         for tracked in running + queued:
             _deliver(tracked, Failed("generation_failed"))
         self._active.remove(loaded)
+
+
+def _speculation_counts(planner: Planner | None) -> tuple[Counter, Counter]:
+    """The draft tokens an engine has checked and kept so far, by source."""
+    if planner is None:
+        return Counter(), Counter()
+    return Counter(planner.stats.proposed), Counter(planner.stats.accepted)
+
+
+def _count_speculation(planner: Planner | None, before: tuple[Counter, Counter]) -> None:
+    """Add what a step checked and kept to the counters."""
+    proposed, accepted = _speculation_counts(planner)
+    for counter, now, then in (
+        (metrics.SPECULATION_PROPOSED, proposed, before[0]),
+        (metrics.SPECULATION_ACCEPTED, accepted, before[1]),
+    ):
+        for source, count in (now - then).items():
+            counter.labels(source).inc(count)
 
 
 def _deliver(tracked: Tracked, message: object) -> None:

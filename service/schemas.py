@@ -43,10 +43,13 @@ class PredictRequest(BaseModel):
     seed: Seed | None = None
     stop: list[StopString] = Field(default_factory=list, max_length=MAX_STOP)
     stream: bool = False
+    # Whether to check drafts (speculative decoding; the same tokens either way). None: the service's --speculation.
+    speculate: bool | None = None
 
     _cap = field_validator("max_new_tokens")(_cap_new_tokens)
 
-    def sampling(self) -> SamplingParams:
+    def sampling(self, speculate: bool) -> SamplingParams:
+        """The engine's parameters; `speculate` is the service's default for a request that does not say."""
         return SamplingParams(
             max_new_tokens=self.max_new_tokens,
             temperature=self.temperature,
@@ -54,6 +57,7 @@ class PredictRequest(BaseModel):
             top_p=self.top_p,
             seed=self.seed,
             stop=tuple(self.stop),
+            speculate=speculate if self.speculate is None else self.speculate,
         )
 
 
@@ -95,6 +99,8 @@ class CompletionRequest(BaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     seed: Seed | None = None
+    # This service's extension, as in /predict.
+    speculate: bool | None = None
     user: str | None = None
     n: int | None = 1
     best_of: int | None = None
@@ -127,7 +133,8 @@ class CompletionRequest(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def sampling(self) -> SamplingParams:
+    def sampling(self, speculate: bool) -> SamplingParams:
+        """The engine's parameters; `speculate` is the service's default for a request that does not say."""
         stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
         return SamplingParams(
             max_new_tokens=16 if self.max_tokens is None else self.max_tokens,
@@ -137,11 +144,13 @@ class CompletionRequest(BaseModel):
             seed=self.seed,
             stop=tuple(stop),
             stop_at_eot=not self.ignore_eos,
+            speculate=speculate if self.speculate is None else self.speculate,
         )
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
+def usage(prompt_tokens: int, completion_tokens: int, drafted_tokens: int) -> dict:
+    """/predict's usage. drafted_tokens: completion tokens that came from kept drafts (speculative decoding)."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "drafted_tokens": drafted_tokens}
 
 
 def predict_body(text: str, finish_reason: str, usage: dict, model: ModelInfo) -> dict:
@@ -167,7 +176,13 @@ def completion_body(
         "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
     }
     if usage is not None:
-        body["usage"] = {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
+        # OpenAI's shape; the drafted tokens go where it details the completion tokens.
+        body["usage"] = {
+            "prompt_tokens": usage["prompt_tokens"],
+            "completion_tokens": usage["completion_tokens"],
+            "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"],
+            "completion_tokens_details": {"drafted_tokens": usage["drafted_tokens"]},
+        }
     return body
 
 

@@ -68,6 +68,26 @@ class ServiceSettings(BaseSettings):
         "prompts prefilled padded together, one masked attention call per layer, no padded row counts; "
         "make bench measures what it buys.",
     )
+    speculation: bool = Field(
+        True,
+        description="Whether requests that do not say (their 'speculate' field) check drafts: prompt lookup, and "
+        "the draft model where --draft-checkpoint is given. Drafts change no token, only how soon tokens come. "
+        "Needs batch invariance: with --no-batch-invariant speculation is off, whatever a request asks.",
+    )
+    draft_checkpoint: Path | None = Field(
+        None,
+        description="Draft model for speculative decoding: a checkpoint file, or a folder (one when the service "
+        "starts) whose --checkpoint-name file, its best checkpoint, is used; any size, same tokenizer. Loaded in "
+        "the served precision and layout with the first model, and hot-reloaded like it: a new version is "
+        "swapped in between decode steps (running requests keep their text), a bad one is logged and the "
+        "previous draft kept.",
+    )
+    draft_length: Literal["auto", "1", "2", "3", "4", "5", "6", "7", "8"] = Field(
+        "auto",
+        description="Draft tokens checked per request and step. auto: each request's from its measured acceptance "
+        "and the passes' measured cost (none where drafting does not pay); a number: that many wherever there "
+        "are drafts, whatever it pays (for benchmarks).",
+    )
     threads: int | None = Field(
         None,
         ge=1,
@@ -160,6 +180,19 @@ class ServiceSettings(BaseSettings):
     def checkpoint_path(self) -> Path:
         """The served checkpoint file."""
         return self.checkpoint_dir.resolve() / self.checkpoint_name
+
+    @property
+    def draft_path(self) -> Path | None:
+        """The draft checkpoint file (in a folder, the file named like the served one), None without one."""
+        if self.draft_checkpoint is None:
+            return None
+        path = self.draft_checkpoint.resolve()
+        return path / self.checkpoint_name if path.is_dir() else path
+
+    @property
+    def fixed_draft_length(self) -> int | None:
+        """--draft-length as the engine takes it: None for auto."""
+        return None if self.draft_length == "auto" else int(self.draft_length)
 
     def worker_threads(self, workers: int) -> int:
         """Torch threads for each of `workers` inference workers."""

@@ -52,6 +52,12 @@ class _Slot(ctypes.Structure):
         # time of day it was, to say so.
         ("heartbeat_at", ctypes.c_double),
         ("heartbeat_wall", ctypes.c_double),
+        # The draft model of speculative decoding (an empty name: none).
+        ("draft_checkpoint", ctypes.c_char * 64),
+        ("draft_has_step", ctypes.c_bool),
+        ("draft_step", ctypes.c_longlong),
+        ("draft_val_loss", ctypes.c_double),
+        ("draft_loaded_at", ctypes.c_double),
     ]
 
 
@@ -98,6 +104,8 @@ class WorkerView:
     stalled_for: float  # seconds without progress while holding requests (0 when idle or moving)
     heartbeat_at: float  # when (time.time) the worker last posted a heartbeat
     silent_for: float  # seconds since then
+    draft: ModelInfo | None  # the draft model it proposes with
+    draft_loaded_at: float | None
 
     @property
     def unresponsive(self) -> bool:
@@ -111,6 +119,16 @@ def alive(pid: int) -> bool:
         return pid > 0 and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def _draft(slot: _Slot) -> ModelInfo | None:
+    if not slot.draft_checkpoint:
+        return None
+    return ModelInfo(
+        slot.draft_step if slot.draft_has_step else None,
+        None if math.isnan(slot.draft_val_loss) else slot.draft_val_loss,
+        slot.draft_checkpoint.decode(errors="replace"),
+    )
 
 
 class StatusBoard:
@@ -141,6 +159,7 @@ class StatusBoard:
             busy=False,
             heartbeat_at=time.monotonic(),
             heartbeat_wall=time.time(),
+            draft_checkpoint=b"",
         )
         return previous
 
@@ -155,6 +174,16 @@ class StatusBoard:
             loaded_at=time.time() if model else math.nan,
             checkpoint=(model.checkpoint if model else "").encode()[:63],
             dtype=dtype.encode()[:7],
+        )
+
+    def post_draft(self, worker_id: int, draft: ModelInfo) -> None:
+        _write(
+            self._workers[worker_id],
+            draft_checkpoint=draft.checkpoint.encode()[:63],
+            draft_has_step=draft.step is not None,
+            draft_step=draft.step or 0,
+            draft_val_loss=math.nan if draft.val_loss is None else draft.val_loss,
+            draft_loaded_at=time.time(),
         )
 
     def progress(self, worker_id: int, busy: bool) -> None:
@@ -189,6 +218,8 @@ class StatusBoard:
                 now - slot.progress_at if slot.busy else 0.0,
                 slot.heartbeat_wall,
                 now - slot.heartbeat_at,
+                _draft(slot),
+                slot.draft_loaded_at if slot.draft_checkpoint else None,
             )
             for worker_id, slot in enumerate(_read(published) for published in self._workers)
         ]

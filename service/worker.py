@@ -1,5 +1,5 @@
-"""An inference worker, assembled in one place: loader, scheduler, checkpoint watcher, cancel listener,
-heartbeat.
+"""An inference worker, assembled in one place: loader, scheduler, checkpoint watchers (the served model's
+and the draft model's), cancel listener, heartbeat.
 
 `start_worker` runs once in each spawned worker process (from the LitAPI's `setup`); `Worker.generate`
 is what the LitAPI's `predict` streams for each request.
@@ -18,8 +18,9 @@ from collections.abc import AsyncIterator
 import torch
 
 from model import Tokenizer
+from model.speculation import SOURCES
 from service import bridge, metrics, signals
-from service.loading import Loaded, ModelLoader
+from service.loading import Draft, Loaded, ModelLoader
 from service.logs import configure_logging
 from service.messages import Chunk, GenerationRequest, Refused, merge_chunks
 from service.scheduler import Scheduler
@@ -87,11 +88,23 @@ def start_worker(settings: ServiceSettings, board: StatusBoard, controls: list, 
     torch_device = torch.device(device)
     loader = ModelLoader(
         torch_device, settings.dtype, settings.quantize, settings.pack_weights, Tokenizer(), settings.max_batch_size,
-        settings.batch_invariant,
-    )
+        settings.batch_invariant, settings.fixed_draft_length,
+    )  # fmt: skip
     scheduler = Scheduler(worker_id, settings.max_queued_requests, board, str(settings.checkpoint_path))
+    drafts = _draft_watcher(settings, loader, scheduler, board, worker_id)
+    if not settings.batch_invariant and (settings.speculation or settings.draft_path):
+        log.warning(
+            "speculative decoding is off, whatever requests ask: it keeps tokens identical only with batch "
+            "invariance, which --no-batch-invariant drops%s",
+            f" (the draft checkpoint {settings.draft_path} is not loaded)" if settings.draft_path else "",
+        )
 
     def install(loaded: Loaded) -> None:
+        if drafts is not None and not drafts.started:
+            # The draft takes the precision of the first model loaded (--dtype auto chooses it then), and is
+            # there before that model takes its first request.
+            drafts.poll()
+            drafts.start()
         log.info("worker %d serves %s on %s", worker_id, loader.weights, torch_device)
         scheduler.install(loaded)
         board.post(worker_id, loaded.info, loader.dtype_name)
@@ -104,6 +117,10 @@ def start_worker(settings: ServiceSettings, board: StatusBoard, controls: list, 
     )
     for result in metrics.RELOAD_RESULTS:
         metrics.RELOADS.labels(result)
+        metrics.DRAFT_RELOADS.labels(result)
+    for source in SOURCES:
+        metrics.SPECULATION_PROPOSED.labels(source)
+        metrics.SPECULATION_ACCEPTED.labels(source)
     metrics.RUNNING.set(0)
     metrics.WAITING.set(0)
     # A checkpoint that is already there is loaded before the worker reports ready.
@@ -116,6 +133,23 @@ def start_worker(settings: ServiceSettings, board: StatusBoard, controls: list, 
     watcher.start()
     threading.Thread(target=_take_cancels, args=(controls[worker_id], scheduler), name="cancels", daemon=True).start()
     return Worker(scheduler, settings.stream_interval)
+
+
+def _draft_watcher(
+    settings: ServiceSettings, loader: ModelLoader, scheduler: Scheduler, board: StatusBoard, worker_id: int
+) -> CheckpointWatcher | None:
+    """The watcher of --draft-checkpoint, if the service drafts with a model."""
+    if settings.draft_path is None or not settings.batch_invariant:
+        return None
+
+    def install(draft: Draft) -> None:
+        scheduler.set_draft(draft)
+        board.post_draft(worker_id, draft.info)
+
+    return CheckpointWatcher(
+        settings.draft_path, settings.poll_interval, settings.load_timeout, loader.draft, install,
+        kind="draft checkpoint", reloads=metrics.DRAFT_RELOADS,
+    )  # fmt: skip
 
 
 def _heartbeat(board: StatusBoard, worker_id: int) -> None:

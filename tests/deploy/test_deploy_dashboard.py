@@ -79,7 +79,7 @@ def stack(tmp_path_factory, up_module):
                 assert client.post("/predict", json={"prompt": f"Via {i}", "max_new_tokens": 8}).status_code == 200
         publish(checkpoints, step=20, val_loss=2.5, seed=1)
         service.wait_serving(20)
-        yield f"http://127.0.0.1:{prometheus_port}", started
+        yield f"http://127.0.0.1:{prometheus_port}", started, service
     finally:
         for process in (prometheus, trainer, balancer.process):
             process.terminate()
@@ -99,7 +99,7 @@ def query(prometheus: str, expr: str, since: float | None = None) -> list:
 
 
 def test_every_panel_query_returns_data(stack):
-    prometheus, since = stack
+    prometheus, since, _ = stack
     queries = panel_queries()
     assert len(queries) >= 28
     missing = {(title, ref): expr for title, ref, expr in queries}
@@ -114,7 +114,7 @@ def test_every_panel_query_returns_data(stack):
 
 
 def test_the_dashboard_shows_the_served_checkpoint_and_every_scrape_target(stack):
-    prometheus, _ = stack
+    prometheus, _, _ = stack
 
     def served_step():
         result = query(prometheus, "max(gpt_model_step)")
@@ -123,3 +123,20 @@ def test_the_dashboard_shows_the_served_checkpoint_and_every_scrape_target(stack
     wait_for(served_step, timeout=30, interval=1.0, message="the served step to reach Prometheus")
     jobs = {r["metric"]["job"]: r["value"][1] for r in query(prometheus, "up")}
     assert jobs == {"api": "1", "lb": "1", "trainer": "1"}
+
+
+def test_the_acceptance_panel_shows_the_kept_lookup_drafts(stack):
+    prometheus, since, service = stack
+    [expr] = [expr for title, _, expr in panel_queries() if title == "Draft acceptance rate by source"]
+    # A rate needs the counter scraped before the drafts and after: greedy text that prompt lookup drafts
+    # (speculation is on by default), sent once Prometheus has the counter.
+    wait_for(lambda: query(prometheus, "gpt_speculation_proposed_tokens_total"), 30, interval=1.0, message="a scrape")
+    repeating = {"prompt": "one two three four five " * 3, "max_new_tokens": 64, "temperature": 0}
+    assert service.predict(**repeating)["usage"]["drafted_tokens"] > 0
+
+    def lookup_rates():
+        series = [s for s in query(prometheus, expr, since) if s["metric"].get("source") == "lookup"]
+        return [float(value) for s in series for _, value in s["values"] if value != "NaN"]
+
+    rates = wait_for(lookup_rates, timeout=30, interval=1.0, message="the lookup acceptance rate in Prometheus")
+    assert all(0 <= rate <= 1 for rate in rates) and max(rates) > 0

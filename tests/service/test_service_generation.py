@@ -22,7 +22,12 @@ def test_predict_answers_text_usage_and_the_model_that_produced_it(served):
     body = response.json()
     assert set(body) == {"text", "finish_reason", "usage", "model"}
     assert body["finish_reason"] == "length"
-    assert body["usage"] == {"prompt_tokens": len(Tokenizer().encode("Once upon a time")), "completion_tokens": 12}
+    usage = body["usage"]
+    assert set(usage) == {"prompt_tokens", "completion_tokens", "drafted_tokens"}
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (len(Tokenizer().encode("Once upon a time")), 12)
+    # Tokens from kept drafts (the service speculates by default, here by prompt lookup); never the first, which
+    # the prefill gives.
+    assert 0 <= usage["drafted_tokens"] < 12
     assert body["model"] == {"step": 100, "val_loss": 3.25, "checkpoint": "best_model.pt"}
     assert body["text"]
     assert response.headers["x-model-step"] == "100"
@@ -52,7 +57,8 @@ def test_weights_packed_for_the_cpu_answer_what_plain_weights_answer(served, lau
 
 def test_without_batch_invariance_requests_batched_together_answer_what_they_answer_alone(served, launch, tmp_path):
     """--no-batch-invariant's plain batched path (padded prefill, masked attention) computes the same
-    texts: prompts of different lengths sent at once, against the invariant service's solo answers."""
+    texts: prompts of different lengths sent at once, against the invariant service's solo answers. It
+    drafts nothing, whatever a request asks: drafts need batch invariance."""
     publish(tmp_path, step=100, val_loss=3.25)
     dtype = served.health().json()["workers"][0]["dtype"]
     plain = launch(tmp_path, "--no-batch-invariant", "--dtype", dtype, api_key=API_KEY)
@@ -60,11 +66,15 @@ def test_without_batch_invariance_requests_batched_together_answer_what_they_ans
         {"prompt": prompt, "max_new_tokens": 16 + 4 * i, "temperature": 0}
         for i, prompt in enumerate(["A", "Once upon a time there lived a king", "The", " word" * 80])
     ]
-    alone = [served.predict(**request)["text"] for request in requests]
+    alone = [served.predict(**request) for request in requests]
     with ThreadPoolExecutor(len(requests)) as pool:
-        together = list(pool.map(lambda request: plain.predict(**request)["text"], requests))
-    assert together == alone
+        together = list(pool.map(lambda request: plain.predict(**request, speculate=True), requests))
+    assert [body["text"] for body in together] == [body["text"] for body in alone]
     assert re.search(rf"serves \w+ weights, {PACKED}, not batch-invariant on cpu", plain.log())
+    # The repeated word is drafted by prompt lookup where speculation can run, and nowhere else.
+    assert alone[-1]["usage"]["drafted_tokens"] > 0
+    assert [body["usage"]["drafted_tokens"] for body in together] == [0] * len(requests)
+    assert "speculative decoding is off, whatever requests ask" in plain.log()
 
 def test_a_seed_reproduces_and_another_seed_differs(served):
     first = served.predict(prompt="The king", max_new_tokens=20, seed=7)

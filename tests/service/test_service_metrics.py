@@ -58,7 +58,11 @@ def test_metrics_move_by_exactly_what_known_requests_did(served):
     assert delta("gpt_time_to_first_token_seconds_count") == 2
     assert delta("gpt_request_queue_time_seconds_count") == 2
     assert delta("gpt_inter_token_latency_seconds_count") == 16 + 8
-    assert delta("gpt_batch_size_sum") == 17 + 9
+    # Every token after the first comes from a decode pass, several where drafts were kept; each request ran
+    # alone, one row a step (its prefill, then its passes).
+    passes = delta("gpt_speculation_tokens_per_pass_count")
+    assert delta("gpt_speculation_tokens_per_pass_sum") == 16 + 8
+    assert delta("gpt_batch_size_sum") == delta("gpt_batch_size_count") == 2 + passes
     for name in HISTOGRAMS:
         assert delta(f"{name}_sum") > 0
         # Buckets resolve a small model: the first one is a millisecond.

@@ -2,7 +2,9 @@
 
 These tests share one service started over an empty checkpoint folder and run in file order: the
 first one needs the folder still empty. The service groups streamed tokens (--stream-interval), so
-the reload tests also show that grouping changes nothing in the text.
+the reload tests also show that grouping changes nothing in the text. It has a draft model from the
+start (one draft token a step, whatever it pays), which it loads only once a model is served (in that
+model's precision) and which every reloaded model drafts with.
 """
 
 from __future__ import annotations
@@ -21,7 +23,15 @@ from model import save_checkpoint
 
 @pytest.fixture(scope="module")
 def service(launch_for_module, tmp_path_factory):
-    return launch_for_module(tmp_path_factory.mktemp("checkpoints"), "--max-batch-size", "8", "--stream-interval", "0.05")
+    draft = publish(tmp_path_factory.mktemp("draft"), step=3, seed=3, name="draft.pt")
+    return launch_for_module(
+        tmp_path_factory.mktemp("checkpoints"), "--max-batch-size", "8", "--stream-interval", "0.05",
+        "--draft-checkpoint", str(draft), "--draft-length", "1",
+    )  # fmt: skip
+
+
+def drafted_by_the_model(service) -> float:
+    return service.metrics().get("gpt_speculation_proposed_tokens_total", source="draft")
 
 
 def test_without_a_checkpoint_it_is_live_but_not_ready(service):
@@ -37,6 +47,8 @@ def test_without_a_checkpoint_it_is_live_but_not_ready(service):
             assert response.json()["error"]["message"] == message
         response = client.post("/v1/completions", json={"model": "gpt", "prompt": "Hello"})
         assert response.status_code == 503 and response.json()["error"]["message"] == message
+    assert [worker["draft"] for worker in health.json()["workers"]] == [None]
+    assert service.metrics().get("gpt_draft_reloads_total", result="success") == 0
 
 
 def test_a_published_checkpoint_is_served_without_a_restart(service):
@@ -45,6 +57,9 @@ def test_a_published_checkpoint_is_served_without_a_restart(service):
     service.wait_serving(step=1, timeout=60)
     body = service.predict(prompt="Hello", max_new_tokens=5)
     assert body["model"] == {"step": 1, "val_loss": 4.0, "checkpoint": "best_model.pt"}
+    # Loaded with the first model, before that model took requests (and /health said ready).
+    [worker] = service.health().json()["workers"]
+    assert worker["draft"]["checkpoint"] == "draft.pt" and worker["draft"]["step"] == 3
 
 
 def test_a_stream_interval_groups_tokens_without_changing_the_text(service):
@@ -154,3 +169,14 @@ def test_a_bad_checkpoint_is_refused_and_the_previous_model_keeps_serving(servic
 
     publish(service.checkpoint_dir, step=21, seed=21)
     service.wait_serving(step=21)
+
+
+def test_a_reloaded_model_drafts_with_the_draft_model_and_changes_no_text(service):
+    publish(service.checkpoint_dir, step=30, seed=30)
+    service.wait_serving(step=30)
+    request = {"prompt": "Drafted on the new weights", "max_new_tokens": 20, "seed": 3}
+    before = drafted_by_the_model(service)
+    body = service.predict(**request)
+    assert body["model"]["step"] == 30
+    assert drafted_by_the_model(service) > before
+    assert body["text"] == service.predict(**request, speculate=False)["text"]

@@ -49,3 +49,12 @@ def test_an_empty_api_key_means_no_key(monkeypatch):
     assert ServiceSettings().api_key is None
     monkeypatch.setenv("SERVICE_API_KEY", "k")
     assert ServiceSettings().api_key.get_secret_value() == "k"
+
+
+def test_a_draft_folder_means_its_best_checkpoint_and_draft_lengths_are_auto_or_one_to_eight(tmp_path):
+    assert ServiceSettings().draft_path is None and ServiceSettings().fixed_draft_length is None
+    assert ServiceSettings(draft_checkpoint=tmp_path).draft_path == tmp_path.resolve() / "best_model.pt"
+    assert ServiceSettings(draft_checkpoint=tmp_path / "d.pt").draft_path == tmp_path.resolve() / "d.pt"
+    assert ServiceSettings(draft_length="8").fixed_draft_length == 8
+    result = CliRunner().invoke(main, ["serve", "--draft-length", "9"])
+    assert result.exit_code == 2 and "'9' is not one of 'auto', '1'" in result.output
