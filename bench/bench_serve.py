@@ -64,6 +64,8 @@ def bench_preset(preset: str, args: argparse.Namespace) -> dict:
             "--device", "cpu", "--dtype", "fp32", "--max-batch-size", str(max(SWEEP)),
             "--omp-wait-policy", args.omp_wait_policy, "--stream-interval", str(args.stream_interval),
             "--threads", str(args.threads), "--pack-weights" if args.pack_weights else "--no-pack-weights",
+            # Plain decoding on every side, as in the engine called directly: bench_speculative prices drafts.
+            "--no-speculation",
         ]  # fmt: skip
         if args.pack_weights:
             model = packing.pack(copy.deepcopy(model))
