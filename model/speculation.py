@@ -49,7 +49,13 @@ PROBE_EVERY = 32
 # Until two entry counts have been timed, an extra entry is assumed to cost this share of a one-entry
 # pass (a batch-1 pass mostly reads weights); the first speculative passes measure the real cost.
 PRIOR_ENTRY_SHARE = 0.1
-TIMING_DECAY = 0.8
+# Timings follow the fastest passes: a pass timed above the estimate moves it up by this share of the
+# difference only, one below replaces it. Other processes on the machine slow passes down at random, and
+# an estimate that followed them would price an extra entry at whatever the load added between a
+# one-entry pass and a longer one: on a loaded machine the planner then stopped drafting altogether, and
+# with no longer passes timed it never learnt otherwise. A machine that truly got slower still shows in
+# the estimates within some tens of passes.
+TIMING_RISE = 0.05
 
 
 @dataclass
@@ -100,10 +106,20 @@ class PromptLookup:
             end = len(haystack) - 4  # an occurrence ending before the last token: never the suffix itself
             while (found := haystack.rfind(needle, 0, end)) >= 0:
                 if found % 4 == 0:  # token-aligned
-                    follows = found // 4 + n
-                    return context[follows : follows + most]
+                    return repeat(context, found // 4 + n, most)
                 end = found + len(needle) - 1
         return []
+
+
+def repeat(context: list[int], start: int, most: int) -> list[int]:
+    """Up to `most` tokens copied from `context[start:]` onwards, the copy running on into the tokens it
+    proposes: where the match is a few tokens back (a line or a word repeated over and over), it
+    continues the repetition rather than stopping at the end of the text."""
+    copied = context[start : start + most]
+    period = len(context) - start  # the copy's distance back: all of it was copied if it falls short of most
+    while len(copied) < most:
+        copied.append(copied[-period])
+    return copied
 
 
 class DraftModel:
@@ -173,21 +189,23 @@ class DraftModel:
 
 class PassCost:
     """What a target pass costs by its number of entries (seconds = fixed + per_entry * entries), fitted
-    to the passes timed so far, and what a draft model pass costs."""
+    to the passes timed so far, and what a draft model pass costs.
+
+    Passes are timed in the CPU time of the thread that runs them (`time.thread_time`), not on the wall
+    clock: on a shared machine the wall clock also counts the time other processes held the core, at
+    random, and a few such passes priced an extra entry at most of a pass, so that the planner stopped
+    drafting where drafts paid (its own passes cost the same with or without the load)."""
 
     def __init__(self):
         self.seconds: dict[int, float] = {}
         self.draft_pass = 0.0
 
     def observe(self, entries: int, seconds: float) -> None:
-        old = self.seconds.get(entries)
-        self.seconds[entries] = seconds if old is None else TIMING_DECAY * old + (1 - TIMING_DECAY) * seconds
+        self.seconds[entries] = fastest(self.seconds.get(entries), seconds)
 
     def observe_draft(self, passes: int, seconds: float) -> None:
         if passes:
-            per_pass = seconds / passes
-            old = self.draft_pass or per_pass
-            self.draft_pass = TIMING_DECAY * old + (1 - TIMING_DECAY) * per_pass
+            self.draft_pass = fastest(self.draft_pass or None, seconds / passes)
 
     def fit(self) -> tuple[float, float]:
         if not self.seconds:
@@ -202,6 +220,13 @@ class PassCost:
         spread = sum((n - mean_n) ** 2 for n, _ in points)
         per_entry = max(sum((n - mean_n) * (t - mean_t) for n, t in points) / spread, 0.0)
         return max(mean_t - per_entry * mean_n, 0.0), per_entry
+
+
+def fastest(estimate: float | None, seconds: float) -> float:
+    """The estimate after a pass of `seconds`: the lower envelope of the timings (see TIMING_RISE)."""
+    if estimate is None or seconds < estimate:
+        return seconds
+    return estimate + TIMING_RISE * (seconds - estimate)
 
 
 class Planner:
@@ -282,13 +307,13 @@ class Planner:
         drafts = [found[i][: depth[i]] if sources[i] == LOOKUP else [] for i in range(len(seqs))]
         wanted = [i for i in range(len(seqs)) if sources[i] == DRAFT and depth[i]]
         if wanted:
-            started = time.perf_counter()
+            started = time.thread_time()
             index = torch.tensor(wanted)
             proposed = self.draft.propose(
                 [rows[i] for i in wanted], [seqs[i] for i in wanted], [depth[i] for i in wanted],
                 [p[index.to(p.device)] for p in params],
             )  # fmt: skip
-            self.cost.observe_draft(max(depth[i] for i in wanted), time.perf_counter() - started)
+            self.cost.observe_draft(max(depth[i] for i in wanted), time.thread_time() - started)
             for i, tokens in zip(wanted, proposed):
                 drafts[i] = tokens
         return drafts

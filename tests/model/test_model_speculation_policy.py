@@ -1,0 +1,48 @@
+"""Speculation's policy parts (model/speculation.py): what prompt lookup proposes and how pass timings are
+kept. They decide only how soon tokens come; test_model_invariance.py proves they never change one."""
+
+from __future__ import annotations
+
+import pytest
+
+from model.speculation import TIMING_RISE, PassCost, PromptLookup
+
+
+@pytest.mark.parametrize(
+    ("context", "most", "proposed"),
+    [
+        ([1, 2, 3, 4, 5, 1, 2], 3, [3, 4, 5]),  # what followed the earlier occurrence
+        ([1, 2, 3, 4, 5, 1, 2], 8, [3, 4, 5, 1, 2, 3, 4, 5]),  # a copy running on into its own proposal
+        ([5, 5, 5, 5], 4, [5, 5, 5, 5]),  # a token repeated: the repetition goes on, not one token a pass
+        ([1, 2, 3, 9, 1, 2, 3, 9, 1, 2], 5, [3, 9, 1, 2, 3]),
+        ([1, 2, 3], 3, []),  # no earlier occurrence
+    ],
+)
+def test_prompt_lookup_proposes_what_followed_and_continues_a_repetition(context, most, proposed):
+    assert PromptLookup().propose(context, most) == proposed
+
+
+def test_pass_timings_follow_the_fastest_passes():
+    cost = PassCost()
+    cost.observe(1, 0.010)
+    cost.observe(1, 0.110)  # slowed down by another process: the estimate rises by a share of the difference
+    assert cost.seconds[1] == pytest.approx(0.010 + TIMING_RISE * 0.100)
+    cost.observe(1, 0.009)  # a faster pass replaces it
+    assert cost.seconds[1] == 0.009
+    for _ in range(200):  # a machine that stays slower is followed, pass by pass
+        cost.observe(1, 0.020)
+    assert cost.seconds[1] == pytest.approx(0.020, rel=1e-3)
+
+
+def test_one_slow_longer_pass_does_not_price_drafting_out():
+    cost = PassCost()
+    for _ in range(10):
+        cost.observe(1, 0.010)
+    cost.observe(3, 0.011)
+    cost.observe(3, 0.060)  # a three-entry pass that waited for the core
+    fixed, per_entry = cost.fit()
+    # (Averaging the two three-entry timings as before put an entry above the whole fixed cost: 1.2x.)
+    assert per_entry < 0.25 * fixed
+    cost.observe_draft(2, 0.004)
+    cost.observe_draft(2, 0.040)
+    assert cost.draft_pass == pytest.approx(0.002 + TIMING_RISE * 0.018)
