@@ -41,8 +41,12 @@ SOURCES = (LOOKUP, DRAFT)
 MAX_DRAFT = 8  # tokens checked beyond the one every step yields
 LOOKUP_NGRAMS = (4, 3, 2)  # suffix lengths matched, longest first: one token alone matches too much noise
 # Acceptance is a decayed count of kept and missed draft positions, so that it follows a request
-# through text that turns repetitive and back; a fresh request starts at even odds.
+# through text that turns repetitive and back. A fresh request starts from the rate of the engine's
+# recent checks of that source (even odds before any), as if it had seen PRIOR_WEIGHT positions: where
+# a source's drafts keep missing, each new request paid its first checks to learn it again (at 16
+# requests of 48 tokens, a draft model pass and 16 entries a batch).
 ACCEPTANCE_DECAY = 0.9
+PRIOR_WEIGHT = 2.0
 # A request whose drafts are not worth checking tries one draft token again after this many steps,
 # so that acceptance can recover when its text turns predictable (the cost: one entry in PROBE_EVERY).
 PROBE_EVERY = 32
@@ -73,12 +77,16 @@ class Acceptance:
         self.kept = self.kept * ACCEPTANCE_DECAY + accepted
         self.missed = self.missed * ACCEPTANCE_DECAY + (accepted < proposed)
 
+    def prior(self) -> Acceptance:
+        """A fresh request's acceptance: this rate, weighed as PRIOR_WEIGHT positions."""
+        return Acceptance(PRIOR_WEIGHT * self.rate, PRIOR_WEIGHT * (1 - self.rate))
+
 
 @dataclass
 class DraftState:
     """One request's speculation: acceptance by source, steps since it last drafted, draft cache fill."""
 
-    acceptance: dict[str, Acceptance] = field(default_factory=lambda: {s: Acceptance() for s in SOURCES})
+    acceptance: dict[str, Acceptance] = field(default_factory=dict)  # by source, from its first plan on
     idle_steps: int = 0
     draft_model: object = None  # the DraftModel whose cache row holds `cached` tokens of this request
     cached: int = 0
@@ -240,6 +248,13 @@ class Planner:
         self.fixed_length = fixed_length  # every request drafts this many wherever it can, whatever it pays
         self.cost = PassCost()
         self.stats = Stats()
+        self.recent = {source: Acceptance() for source in SOURCES}  # every request's checks, by source
+
+    def acceptance(self, seq, source: str) -> Acceptance:
+        """The request's acceptance of `source`'s drafts; a request new to it starts from `recent`'s rate."""
+        if source not in seq.draft.acceptance:
+            seq.draft.acceptance[source] = self.recent[source].prior()
+        return seq.draft.acceptance[source]
 
     def plan(self, seqs) -> tuple[list[str | None], list[list[int]], list[int]]:
         """(source, lookup drafts, draft length) per sequence. Draft lengths for the draft model are only
@@ -282,7 +297,7 @@ class Planner:
         for i, source in enumerate(sources):
             if source is None:
                 continue
-            rate = seqs[i].draft.acceptance[source].rate
+            rate = self.acceptance(seqs[i], source).rate
             if seqs[i].draft.idle_steps + 1 >= PROBE_EVERY:
                 rate = max(rate, 1.0)  # a probe: one draft token, whatever acceptance says
             heapq.heappush(heap, (-rate, i, rate))
@@ -298,7 +313,7 @@ class Planner:
             if sources[i] == DRAFT:
                 draft_levels = max(draft_levels, depth[i])
             if depth[i] < room[i] and not probe:
-                rate = seqs[i].draft.acceptance[sources[i]].rate
+                rate = self.acceptance(seqs[i], sources[i]).rate
                 heapq.heappush(heap, (-(rate ** (depth[i] + 1)), i, rate ** (depth[i] + 1)))
         return depth
 
@@ -320,7 +335,8 @@ class Planner:
 
     def checked(self, seq, source: str, context_len: int, proposed: int, accepted: int) -> None:
         """Record how a sequence's drafts fared."""
-        seq.draft.acceptance[source].update(proposed, accepted)
+        self.acceptance(seq, source).update(proposed, accepted)
+        self.recent[source].update(proposed, accepted)
         self.stats.proposed[source] += proposed
         self.stats.accepted[source] += accepted
         if source == DRAFT:

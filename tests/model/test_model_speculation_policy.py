@@ -4,7 +4,10 @@ kept. They decide only how soon tokens come; test_model_invariance.py proves the
 from __future__ import annotations
 
 import pytest
+import torch
+from modelkit import sharpen
 
+from model import GPT, Engine, GPTConfig, SamplingParams
 from model.speculation import TIMING_RISE, PassCost, PromptLookup
 
 
@@ -46,3 +49,28 @@ def test_one_slow_longer_pass_does_not_price_drafting_out():
     cost.observe_draft(2, 0.004)
     cost.observe_draft(2, 0.040)
     assert cost.draft_pass == pytest.approx(0.002 + TIMING_RISE * 0.018)
+
+
+def test_a_new_request_starts_from_the_acceptance_of_the_requests_before_it():
+    torch.manual_seed(0)
+    target = sharpen(GPT(GPTConfig.from_preset("tiny"))).eval()
+    torch.manual_seed(1)
+    misleading = sharpen(GPT(GPTConfig.from_preset("tiny"))).eval()  # other random weights: drafts that miss
+    engine = Engine(target, max_batch_size=1, draft_model=misleading)
+    params = SamplingParams(max_new_tokens=40, temperature=0.0, stop_at_eot=False)
+
+    def first_decode_proposes(prompt: list[int]) -> bool:
+        engine.add(prompt, params)
+        engine.step()  # the prefill
+        before = engine.planner.stats.proposed["draft"]
+        engine.step()
+        proposed = engine.planner.stats.proposed["draft"] > before
+        while engine.has_work():
+            engine.step()
+        return proposed
+
+    assert first_decode_proposes([1, 2, 3, 4])  # no checks yet: even odds, worth a draft
+    stats = engine.planner.stats
+    assert stats.proposed["draft"] > 0 and stats.accepted["draft"] < stats.proposed["draft"] / 4
+    assert engine.planner.recent["draft"].rate < 0.5  # below the even odds it started from
+    assert not first_decode_proposes([5, 6, 7, 8])  # starts where the first left off: not worth one
