@@ -49,7 +49,11 @@ ACCEPTANCE_DECAY = 0.9
 PRIOR_WEIGHT = 2.0
 # A request whose drafts are not worth checking tries one draft token again after this many steps,
 # so that acceptance can recover when its text turns predictable (the cost: one entry in PROBE_EVERY).
+# Each probe of a source that missed, in a row, across requests, doubles the wait, up to
+# 2 ** MOST_PROBE_BACKOFF times: a probe costs a draft model's catch-up over the request's text and a
+# sampled entry, and one per 48-token request cost 6-8% of the tokens/s where drafts never match.
 PROBE_EVERY = 32
+MOST_PROBE_BACKOFF = 3
 # Until two entry counts have been timed, an extra entry is assumed to cost this share of a one-entry
 # pass (a batch-1 pass mostly reads weights); the first speculative passes measure the real cost.
 PRIOR_ENTRY_SHARE = 0.1
@@ -88,6 +92,7 @@ class DraftState:
 
     acceptance: dict[str, Acceptance] = field(default_factory=dict)  # by source, from its first plan on
     idle_steps: int = 0
+    probing: bool = False  # its next check is a probe
     draft_model: object = None  # the DraftModel whose cache row holds `cached` tokens of this request
     cached: int = 0
 
@@ -195,9 +200,17 @@ class DraftModel:
         seq.draft.cached = min(seq.draft.cached, context_len + accepted)
 
 
+def sampled(seqs) -> bool:
+    """Whether a pass over `seqs` samples any row (a top-k or top-p draw), not only argmaxes."""
+    return any(seq.params.temperature > 0 for seq in seqs)
+
+
 class PassCost:
-    """What a target pass costs by its number of entries (seconds = fixed + per_entry * entries), fitted
-    to the passes timed so far, and what a draft model pass costs.
+    """What a target pass and its sampling cost by its number of entries (seconds = fixed + per_entry *
+    entries), fitted to the passes timed so far, and what a draft model pass costs. Passes that sample
+    are timed apart from greedy ones: a top-k draw over the vocabulary costs each entry more than the
+    pass itself at batch 1 (mini on the CPU: 1 ms against 0.3), so greedy timings underprice a sampled
+    entry, and sampled drafts that were kept one time in eight cost a tenth of the tokens/s.
 
     Passes are timed in the CPU time of the thread that runs them (`time.thread_time`), not on the wall
     clock: on a shared machine the wall clock also counts the time other processes held the core, at
@@ -205,24 +218,26 @@ class PassCost:
     drafting where drafts paid (its own passes cost the same with or without the load)."""
 
     def __init__(self):
-        self.seconds: dict[int, float] = {}
+        self.timed: dict[bool, dict[int, float]] = {False: {}, True: {}}  # by whether the pass sampled
         self.draft_pass = 0.0
 
-    def observe(self, entries: int, seconds: float) -> None:
-        self.seconds[entries] = fastest(self.seconds.get(entries), seconds)
+    def observe(self, entries: int, seconds: float, sampling: bool = False) -> None:
+        timed = self.timed[sampling]
+        timed[entries] = fastest(timed.get(entries), seconds)
 
     def observe_draft(self, passes: int, seconds: float) -> None:
         if passes:
             self.draft_pass = fastest(self.draft_pass or None, seconds / passes)
 
-    def fit(self) -> tuple[float, float]:
-        if not self.seconds:
+    def fit(self, sampling: bool = False) -> tuple[float, float]:
+        seconds = self.timed[sampling] or self.timed[not sampling]  # the other kind until this one is timed
+        if not seconds:
             return 1.0, PRIOR_ENTRY_SHARE
-        if len(self.seconds) == 1:
-            [(n, t)] = self.seconds.items()
+        if len(seconds) == 1:
+            [(n, t)] = seconds.items()
             per_entry = PRIOR_ENTRY_SHARE * t / n
             return t - per_entry * n, per_entry
-        points = list(self.seconds.items())
+        points = list(seconds.items())
         mean_n = sum(n for n, _ in points) / len(points)
         mean_t = sum(t for _, t in points) / len(points)
         spread = sum((n - mean_n) ** 2 for n, _ in points)
@@ -249,6 +264,7 @@ class Planner:
         self.cost = PassCost()
         self.stats = Stats()
         self.recent = {source: Acceptance() for source in SOURCES}  # every request's checks, by source
+        self.missed_probes = Counter()  # by source: probes in a row that kept nothing
 
     def acceptance(self, seq, source: str) -> Acceptance:
         """The request's acceptance of `source`'s drafts; a request new to it starts from `recent`'s rate."""
@@ -259,7 +275,7 @@ class Planner:
     def plan(self, seqs) -> tuple[list[str | None], list[list[int]], list[int]]:
         """(source, lookup drafts, draft length) per sequence. Draft lengths for the draft model are only
         numbers here: its tokens come from `DraftModel.propose` once every length is known."""
-        fixed, per_entry = self.cost.fit()
+        fixed, per_entry = self.cost.fit(sampled(seqs))
         sources: list[str | None] = [None] * len(seqs)
         found: list[list[int]] = [[] for _ in seqs]
         room = [0] * len(seqs)
@@ -298,8 +314,9 @@ class Planner:
             if source is None:
                 continue
             rate = self.acceptance(seqs[i], source).rate
-            if seqs[i].draft.idle_steps + 1 >= PROBE_EVERY:
+            if seqs[i].draft.idle_steps + 1 >= PROBE_EVERY << min(self.missed_probes[source], MOST_PROBE_BACKOFF):
                 rate = max(rate, 1.0)  # a probe: one draft token, whatever acceptance says
+                seqs[i].draft.probing = True
             heapq.heappush(heap, (-rate, i, rate))
         while heap:
             _, i, gain = heapq.heappop(heap)
@@ -337,6 +354,11 @@ class Planner:
         """Record how a sequence's drafts fared."""
         self.acceptance(seq, source).update(proposed, accepted)
         self.recent[source].update(proposed, accepted)
+        if accepted:
+            self.missed_probes[source] = 0
+        elif seq.draft.probing:
+            self.missed_probes[source] += 1
+        seq.draft.probing = False
         self.stats.proposed[source] += proposed
         self.stats.accepted[source] += accepted
         if source == DRAFT:

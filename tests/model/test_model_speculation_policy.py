@@ -29,12 +29,12 @@ def test_pass_timings_follow_the_fastest_passes():
     cost = PassCost()
     cost.observe(1, 0.010)
     cost.observe(1, 0.110)  # slowed down by another process: the estimate rises by a share of the difference
-    assert cost.seconds[1] == pytest.approx(0.010 + TIMING_RISE * 0.100)
+    assert cost.timed[False][1] == pytest.approx(0.010 + TIMING_RISE * 0.100)
     cost.observe(1, 0.009)  # a faster pass replaces it
-    assert cost.seconds[1] == 0.009
+    assert cost.timed[False][1] == 0.009
     for _ in range(200):  # a machine that stays slower is followed, pass by pass
         cost.observe(1, 0.020)
-    assert cost.seconds[1] == pytest.approx(0.020, rel=1e-3)
+    assert cost.timed[False][1] == pytest.approx(0.020, rel=1e-3)
 
 
 def test_one_slow_longer_pass_does_not_price_drafting_out():
@@ -74,3 +74,21 @@ def test_a_new_request_starts_from_the_acceptance_of_the_requests_before_it():
     assert stats.proposed["draft"] > 0 and stats.accepted["draft"] < stats.proposed["draft"] / 4
     assert engine.planner.recent["draft"].rate < 0.5  # below the even odds it started from
     assert not first_decode_proposes([5, 6, 7, 8])  # starts where the first left off: not worth one
+    # The first request's probe after 32 idle steps missed too: the next requests wait twice as long,
+    # past their 40 tokens, and check no draft at all.
+    assert engine.planner.missed_probes["draft"] == 1
+    proposed = stats.proposed["draft"]
+    for prompt in ([9, 10, 11], [12, 13, 14]):
+        first_decode_proposes(prompt)
+    assert stats.proposed["draft"] == proposed
+
+
+def test_sampled_passes_are_priced_apart_from_greedy_ones():
+    cost = PassCost()
+    cost.observe(1, 0.0050)
+    cost.observe(2, 0.0053)
+    assert cost.fit(True) == cost.fit(False)  # until a sampled pass is timed, the greedy timings stand in
+    cost.observe(1, 0.0060, sampling=True)
+    cost.observe(2, 0.0072, sampling=True)  # a top-k draw per entry costs more than the entry's pass
+    assert cost.fit(False) == pytest.approx((0.0047, 0.0003))
+    assert cost.fit(True) == pytest.approx((0.0048, 0.0012))
