@@ -42,7 +42,9 @@ MAX_DRAFT = 8  # tokens checked beyond the one every step yields
 LOOKUP_NGRAMS = (4, 3, 2)  # suffix lengths matched, longest first: one token alone matches too much noise
 # Acceptance is a decayed count of kept and missed draft positions, so that it follows a request
 # through text that turns repetitive and back. A fresh request starts from the rate of the engine's
-# recent checks of that source (even odds before any), as if it had seen PRIOR_WEIGHT positions: where
+# recent checks of that source for requests that sample as it does (greedy or not: a draft kept
+# every time in greedy text can be kept one time in eight in sampled text), even odds before any, as
+# if it had seen PRIOR_WEIGHT positions: where
 # a source's drafts keep missing, each new request paid its first checks to learn it again (at 16
 # requests of 48 tokens, a draft model pass and 16 entries a batch).
 ACCEPTANCE_DECAY = 0.9
@@ -263,13 +265,14 @@ class Planner:
         self.fixed_length = fixed_length  # every request drafts this many wherever it can, whatever it pays
         self.cost = PassCost()
         self.stats = Stats()
-        self.recent = {source: Acceptance() for source in SOURCES}  # every request's checks, by source
-        self.missed_probes = Counter()  # by source: probes in a row that kept nothing
+        # By (source, whether the request samples): every request's checks, and probes in a row that kept nothing.
+        self.recent = {(source, sampling): Acceptance() for source in SOURCES for sampling in (False, True)}
+        self.missed_probes = Counter()
 
     def acceptance(self, seq, source: str) -> Acceptance:
         """The request's acceptance of `source`'s drafts; a request new to it starts from `recent`'s rate."""
         if source not in seq.draft.acceptance:
-            seq.draft.acceptance[source] = self.recent[source].prior()
+            seq.draft.acceptance[source] = self.recent[source, sampled([seq])].prior()
         return seq.draft.acceptance[source]
 
     def plan(self, seqs) -> tuple[list[str | None], list[list[int]], list[int]]:
@@ -314,7 +317,8 @@ class Planner:
             if source is None:
                 continue
             rate = self.acceptance(seqs[i], source).rate
-            if seqs[i].draft.idle_steps + 1 >= PROBE_EVERY << min(self.missed_probes[source], MOST_PROBE_BACKOFF):
+            backoff = min(self.missed_probes[source, sampled(seqs[i : i + 1])], MOST_PROBE_BACKOFF)
+            if seqs[i].draft.idle_steps + 1 >= PROBE_EVERY << backoff:
                 rate = max(rate, 1.0)  # a probe: one draft token, whatever acceptance says
                 seqs[i].draft.probing = True
             heapq.heappush(heap, (-rate, i, rate))
@@ -353,11 +357,12 @@ class Planner:
     def checked(self, seq, source: str, context_len: int, proposed: int, accepted: int) -> None:
         """Record how a sequence's drafts fared."""
         self.acceptance(seq, source).update(proposed, accepted)
-        self.recent[source].update(proposed, accepted)
+        key = source, sampled([seq])
+        self.recent[key].update(proposed, accepted)
         if accepted:
-            self.missed_probes[source] = 0
+            self.missed_probes[key] = 0
         elif seq.draft.probing:
-            self.missed_probes[source] += 1
+            self.missed_probes[key] += 1
         seq.draft.probing = False
         self.stats.proposed[source] += proposed
         self.stats.accepted[source] += accepted

@@ -72,15 +72,17 @@ def test_a_new_request_starts_from_the_acceptance_of_the_requests_before_it():
     assert first_decode_proposes([1, 2, 3, 4])  # no checks yet: even odds, worth a draft
     stats = engine.planner.stats
     assert stats.proposed["draft"] > 0 and stats.accepted["draft"] < stats.proposed["draft"] / 4
-    assert engine.planner.recent["draft"].rate < 0.5  # below the even odds it started from
+    assert engine.planner.recent["draft", False].rate < 0.5  # below the even odds it started from
     assert not first_decode_proposes([5, 6, 7, 8])  # starts where the first left off: not worth one
     # The first request's probe after 32 idle steps missed too: the next requests wait twice as long,
     # past their 40 tokens, and check no draft at all.
-    assert engine.planner.missed_probes["draft"] == 1
+    assert engine.planner.missed_probes["draft", False] == 1
     proposed = stats.proposed["draft"]
     for prompt in ([9, 10, 11], [12, 13, 14]):
         first_decode_proposes(prompt)
     assert stats.proposed["draft"] == proposed
+    # A request that samples would start from even odds: greedy text's acceptance says nothing of sampled text's.
+    assert engine.planner.recent["draft", True].rate == 0.5 and not engine.planner.missed_probes["draft", True]
 
 
 def test_sampled_passes_are_priced_apart_from_greedy_ones():
