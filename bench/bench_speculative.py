@@ -42,7 +42,8 @@ from model import GPT, Engine, GPTConfig, SamplingParams, Tokenizer, load_checkp
 from model.device import cpu_layout
 from model.native import status as kernel_status
 
-CACHE = Path(__file__).resolve().parents[1] / ".cache" / "bench" / "speculative"
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / ".cache" / "bench" / "speculative"
 # `trainer fit` flags shared by both models: the same data, batches and schedule.
 DATA_FLAGS = ["--seq-len", "256", "--batch-size", "8", "--steps", "300", "--warmup-steps", "30", "--lr", "2e-3",
               "--min-lr", "2e-4", "--eval-interval", "50", "--log-interval", "25", "--device", "cpu",
@@ -56,6 +57,7 @@ NEVER_BATCHES = (1, 16)
 # Greedy text of a model trained for minutes falls into loops, which prompt lookup then predicts from the
 # text itself: sampled text is where its drafts miss.
 NEVER_SAMPLING = "seeded sampling"
+NEVER_ROUNDS = 4  # runs of the 16 requests together per round at batch 16
 
 
 def flag_settings(flags: list[str]) -> dict[str, str]:
@@ -74,7 +76,7 @@ def trained(name: str) -> tuple[GPT, dict, str]:
             str(recorded.get(key)) == value or _same_number(recorded.get(key), value)
             for key, value in flag_settings(flags).items()
         ):
-            return model, meta, f"cached in {path} by an earlier run"
+            return model, meta, f"cached in {path.relative_to(ROOT)} by an earlier run"
     start = time.perf_counter()
     command = [sys.executable, "-m", "trainer", "fit", "--data", str(SHAKESPEARE), "--out", str(out), *flags]
     print(f"\ntraining the {name}: {' '.join(command[1:])}", flush=True)
@@ -149,7 +151,9 @@ class Runner:
         tokens = [out[i] for i in ids]
         reference = self.reference.setdefault((key, sampling), tokens)
         assert tokens == reference, f"{setting} changed the tokens of {key} ({sampling})"
-        result = {"tokens_per_s": sum(map(len, tokens)) / seconds, "tokens_per_pass": sum(map(len, tokens)) / passes}
+        count = sum(map(len, tokens))
+        result = {"tokens_per_s": count / seconds, "tokens_per_pass": count / passes, "tokens": count,
+                  "seconds": seconds}  # fmt: skip
         if stats:
             for source in ("lookup", "draft"):
                 proposed = stats.proposed[source] - before[0].get(source, 0)
@@ -234,24 +238,35 @@ def main() -> None:
         cases = {"random-weight draft model": (Runner(target, random_draft, batch), "draft", "continuation"),
                  "lookup on misleading text": (Runner(target, None, batch), "lookup", "misleading")}  # fmt: skip
         for name, (case, setting, workload) in cases.items():
-            # The same 16 requests at both batch sizes: at batch 1 one after another, a run long enough
-            # (several seconds) that the load of other processes falls on both settings alike.
+            # The same 16 requests at both batch sizes. On and off take turns run by run, which goes first
+            # alternating: at batch 1 a run is one request (a fifth of a second), at 16 all of them, with
+            # NEVER_ROUNDS times the rounds. This machine's speed drifts by a fifth between runs of the same
+            # work, CPU time included; short turns put the drift on both alike, and the totals compare.
             prompts = work[workload][: max(NEVER_BATCHES)]
             warm_up(case, ("off", setting), prompts[0])
             timings: dict[str, list[dict]] = {"off": [], setting: []}
-            for _ in range(args.rounds):
-                for which in timings:
-                    timings[which].append(case.run(which, prompts, NEVER_SAMPLING, args.new_tokens, (workload, batch)))
-            row = summarise(timings[setting], timings["off"])
-            never.append({"drafts": name, "batch": batch, "off_tokens_per_s": statistics.median(
-                r["tokens_per_s"] for r in timings["off"]), "on_tokens_per_s": row["tokens_per_s"],
-                "on_vs_off": row["vs_off"], "proposed": row[f"{setting}_proposed"],
-                "acceptance": row[f"{setting}_acceptance"]})  # fmt: skip
+            runs = [(i, [p]) for i, p in enumerate(prompts)] if batch == 1 else [(0, prompts)] * NEVER_ROUNDS
+            for round_ in range(args.rounds):
+                for turn, (index, run) in enumerate(runs):
+                    order = list(timings) if (round_ + turn) % 2 == 0 else list(timings)[::-1]
+                    for which in order:
+                        key = (workload, batch, index)
+                        timings[which].append(case.run(which, run, NEVER_SAMPLING, args.new_tokens, key))
+            rate = {which: sum(r["tokens"] for r in results) / sum(r["seconds"] for r in results)
+                    for which, results in timings.items()}  # fmt: skip
+            row = summarise(timings[setting], None)
+            never.append({"drafts": name, "batch": batch, "off_tokens_per_s": rate["off"],
+                          "on_tokens_per_s": rate[setting], "on_vs_off": rate[setting] / rate["off"],
+                          "proposed": row[f"{setting}_proposed"],
+                          "acceptance": row[f"{setting}_acceptance"]})  # fmt: skip
             print_table(f"Never a loss: {name}, batch {batch}", never[-1:])
     print_table(f"Never a loss: drafts that (almost) never match, {NEVER_SAMPLING}", never)
 
+    # What the target writes, plainly decoded: the first request of each workload (the rows' tokens are these).
+    samples = {f"{workload}, {sampling}": tokenizer.decode(runner.reference[(workload,), sampling][0])
+               for workload in ("continuation", "rewrite") for sampling in SAMPLINGS}  # fmt: skip
     record = {
-        "threads": threads, "new_tokens": args.new_tokens, "prompts": args.prompts, "rounds": args.rounds,
+        "samples": samples, "threads": threads, "new_tokens": args.new_tokens, "prompts": args.prompts, "rounds": args.rounds,
         "passage_lines": PASSAGE_LINES, "samplings": SAMPLINGS, "never_a_loss_sampling": NEVER_SAMPLING,
         "layout": f"fp32, {kernel_status()}",
         "models": {name: {k: v for k, v in m.items() if k != "model"} for name, m in models.items()},

@@ -305,6 +305,10 @@ def speculative_lines(records: dict[str, dict]) -> list[str]:
         "",
         markdown_table(spec["rows"]),
         "",
+        "What the target writes (each workload's first request; the tokens are the same with speculation on):",
+        "",
+        *[f"- {name}: `{text!r}`" for name, text in spec.get("samples", {}).items()],
+        "",
         (
             "Never a loss: drafts that (almost) never match (a draft model of random weights; prompt lookup on "
             f"passages whose words are shuffled), {spec['never_a_loss_sampling']}, 16 requests one after another "

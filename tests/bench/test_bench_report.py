@@ -157,7 +157,8 @@ def test_speculative_decodings_goals_are_judged_when_measured(results, tmp_path)
             for setting, rate in rates.items()]  # fmt: skip
     model = {"preset": "mini", "shape": "4×4×256, context 256", "val_loss": 5.0, "step": 300,
              "provenance": "trained in this run (600 s)"}  # fmt: skip
-    record = {"benchmark": "speculative", "threads": 1, "new_tokens": 48, "prompts": 4, "rounds": 3,
+    record = {"benchmark": "speculative", "samples": {"rewrite, greedy": "\n\n\n"}, "threads": 1, "new_tokens": 48,
+              "prompts": 4, "rounds": 3,
               "passage_lines": 5, "samplings": {"greedy": {"temperature": 0.0}}, "never_a_loss_sampling": "greedy",
               "layout": "fp32, native",
               "models": {"target": model, "draft": {**model, "preset": "tiny"}}, "bandwidth_bytes_per_s": 6.4e9,
@@ -177,3 +178,4 @@ def test_speculative_decodings_goals_are_judged_when_measured(results, tmp_path)
     assert ("| Speculative decoding never a loss: random-weight draft model, batch 16 | on: 460 tokens/s "
             "| off: 500 tokens/s | 0.92× | ≥ 0.95× | **no** |") in body  # fmt: skip
     assert "### Speculative decoding on the CPU" in body and "trained in this run (600 s)" in body
+    assert "- rewrite, greedy: `'\\n\\n\\n'`" in body  # what the target wrote, visible
