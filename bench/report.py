@@ -41,6 +41,10 @@ AT_LEAST = {
     "vs_best_peer": 1.0,  # issue 14: the engine's decode over the fastest peer's, per precision and batch
     "of_bound": 0.9,  # issue 14: batch-1 decode over the memory-bandwidth bound of its precision
     "balancer_vs_direct": 0.97,  # issue 24: one client's tokens/s through HAProxy over the replica directly
+    "speculative_rewrite": 2.0,  # issue 25: batch-1 tokens/s with speculation over plain decoding, rewrite workload
+    "speculative_continuation": 1.5,  # issue 25: the same with the draft model, text continuation
+    "speculative_of_bound": 1.0,  # issue 25: both above the target's batch-1 memory-bandwidth bound
+    "speculative_never_a_loss": 0.95,  # issue 25: drafts that never match, speculation on over off, batch 1 and 16
 }
 BALANCER_TTFT_ADDED_MS = 2.0  # issue 24: at most this much more time to first token at p50 through HAProxy
 GPU_SECONDS_TO_TARGET = 90.0  # gpt2 from scratch to training loss < 0.1 on one H100
@@ -243,6 +247,77 @@ def balancer_rows(records: dict[str, dict]) -> list[dict]:
             f"the replica directly: {b['direct_ttft_p50_ms']:.1f} ms",
             f"{added:+.1f} ms", f"≤ +{BALANCER_TTFT_ADDED_MS:g} ms", added <= BALANCER_TTFT_ADDED_MS),
     ]  # fmt: skip
+
+
+# Issue 25's two goals: the workload, the speculation settings that may meet it, and its goal's key.
+SPECULATIVE_GOALS = [("rewrite", ("lookup", "lookup + draft"), "speculative_rewrite"),
+                     ("continuation", ("draft", "lookup + draft"), "speculative_continuation")]  # fmt: skip
+
+
+def speculative_rows(records: dict[str, dict]) -> list[dict]:
+    """Issue 25's goals at batch 1, per sampling: the fastest setting that may meet each against plain
+    decoding and against the bound, and the worst never-matching case against speculation off."""
+    if "speculative" not in records:
+        return []
+    spec, rows = records["speculative"], []
+    off = {(r["workload"], r["sampling"]): r for r in spec["rows"] if r["speculation"] == "off"}
+    for workload, settings, goal in SPECULATIVE_GOALS:
+        for sampling in spec["samplings"]:
+            best = max((r for r in spec["rows"] if r["workload"] == workload and r["sampling"] == sampling
+                        and r["speculation"] in settings), key=lambda r: r["tokens_per_s"])  # fmt: skip
+            name = f"Speculative decoding, {workload} ({spec['models']['target']['preset']}, {sampling}, batch 1)"
+            measured = f"{best['speculation']}: {tokens(best['tokens_per_s'])}"
+            rows += [
+                row(name, measured, f"speculation off: {tokens(off[(workload, sampling)]['tokens_per_s'])}",
+                    ratio(best["vs_off"]), f"≥ {AT_LEAST[goal]:g}×", best["vs_off"] >= AT_LEAST[goal]),
+                row(name, measured, f"batch-1 bound: {tokens(spec['batch1_bound_tokens_per_s'])}",
+                    ratio(best["of_bound"]), f"> {AT_LEAST['speculative_of_bound']:g}×",
+                    best["of_bound"] > AT_LEAST["speculative_of_bound"]),
+            ]  # fmt: skip
+    for case in spec["never_a_loss"]:
+        rows.append(row(f"Speculative decoding never a loss: {case['drafts']}, batch {case['batch']}",
+                        f"on: {tokens(case['on_tokens_per_s'])}", f"off: {tokens(case['off_tokens_per_s'])}",
+                        ratio(case["on_vs_off"]), f"≥ {AT_LEAST['speculative_never_a_loss']:g}×",
+                        case["on_vs_off"] >= AT_LEAST["speculative_never_a_loss"]))  # fmt: skip
+    return rows
+
+
+def speculative_lines(records: dict[str, dict]) -> list[str]:
+    if "speculative" not in records:
+        return []
+    spec = records["speculative"]
+    models = "; ".join(f"{name} `{m['preset']}` ({m['shape']}, validation loss {m['val_loss']:.2f} after "
+                       f"{m['step']} steps, {m['provenance']})" for name, m in spec["models"].items())  # fmt: skip
+    samplings = ", ".join(f"{name} ({', '.join(f'{k} {v:g}' for k, v in options.items())})"
+                          for name, options in spec["samplings"].items())  # fmt: skip
+    return [
+        "### Speculative decoding on the CPU",
+        "",
+        (
+            f"Trained models: {models}. Layout {spec['layout']}, {spec['threads']} thread(s). Batch 1, "
+            f"{spec['prompts']} requests of {spec['new_tokens']} tokens one after another per run, medians of "
+            f"{spec['rounds']} rounds in which every setting takes its turn; {samplings}. Continuation: "
+            f"{spec['passage_lines']}-line passages of the validation text continued; rewrite: the passage, a "
+            "blank line and its first line again (the model copies it out). Every run's tokens equal plain "
+            f"decoding's. The target's batch-1 bound: {tokens(spec['batch1_bound_tokens_per_s'])} "
+            f"({spec['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s read, fp32 weights read once per token)."
+        ),
+        "",
+        markdown_table(spec["rows"]),
+        "",
+        "What the target writes (each workload's first request; the tokens are the same with speculation on):",
+        "",
+        *[f"- {name}: `{text!r}`" for name, text in spec.get("samples", {}).items()],
+        "",
+        (
+            "Never a loss: drafts that (almost) never match (a draft model of random weights; prompt lookup on "
+            f"passages whose words are shuffled), {spec['never_a_loss_sampling']}, 16 requests one after another "
+            "(batch 1) or together (batch 16), speculation on and off in alternated rounds."
+        ),
+        "",
+        markdown_table(spec["never_a_loss"]),
+        "",
+    ]
 
 
 def fleet_lines(records: dict[str, dict]) -> list[str]:
@@ -483,6 +558,7 @@ def section(
             invariance_table(decode, serve),
             "",
         ]
+    lines += speculative_lines(records)
     lines += fleet_lines(records)
     lines += gpu_section(gpu, results_dir, readme)
     return "\n".join(lines).rstrip() + "\n"
@@ -500,7 +576,7 @@ def replace_section(text: str, body: str) -> str:
 def summary_rows(records: dict[str, dict], gpu: dict[str, dict]) -> list[dict]:
     return (train_rows(records["train_throughput"], records["train_quality"]) + decode_rows(records["decode"])
             + peer_rows(records["decode"]) + serve_rows(serve_record(records)) + balancer_rows(records)
-            + gpu_rows(gpu))  # fmt: skip
+            + speculative_rows(records) + gpu_rows(gpu))  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

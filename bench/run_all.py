@@ -36,6 +36,7 @@ STEPS = {
     "serve": (["bench.bench_serve", "--presets", "gpt2", "--sweep-requests", "4"],
               ["--presets", "mini", "gpt2", "--sweep-requests", "32"]),
     "balancer": (["bench.bench_balancer"], ["--rounds", "8"]),
+    "speculative": (["bench.bench_speculative", "--rounds", "5"], ["--rounds", "9", "--prompts", "8"]),
 }
 
 

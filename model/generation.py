@@ -33,7 +33,7 @@ from model.decode_linear import DecodeLinear
 from model.gpt import GPT, KVCache
 from model.quantize import Int8Linear
 from model.sampling import sample
-from model.speculation import DraftModel, DraftState, Planner
+from model.speculation import DraftModel, DraftState, Planner, sampled
 from model.tokenizer import EOT_TOKEN, TextStream, Tokenizer
 
 FINISH_STOP = "stop"
@@ -327,16 +327,18 @@ class Engine:
         owners = [i for i, d in enumerate(drafts) for _ in range(1 + len(d))]
         tokens = [t for s, d in zip(seqs, drafts) for t in (s.tokens[-1], *d)]
         positions = [s.position + j for s, d in zip(seqs, drafts) for j in range(1 + len(d))]
-        started = time.perf_counter()
+        # The pass's cost with its sampling, whatever else holds the machine (PassCost).
+        started = time.thread_time()
         logits = self._target_pass(tokens, owners, positions)
-        if self.planner is not None:
-            self.planner.cost.observe(len(tokens), time.perf_counter() - started)
         if len(tokens) == len(seqs):
-            return self._sample(seqs, logits, params, [len(s.tokens) for s in seqs])
+            picked = self._pick(seqs, logits, params, [len(s.tokens) for s in seqs])
+            self._timed(seqs, len(tokens), started)
+            return [self._advance(s, t) for s, t in zip(seqs, picked)]
         counts = torch.tensor([1 + len(d) for d in drafts], device=self.device)
         entries = [seqs[i] for i in owners]
         indices = [len(s.tokens) + j for s, d in zip(seqs, drafts) for j in range(1 + len(d))]
         picked = self._pick(entries, logits, [p.repeat_interleave(counts) for p in params], indices)
+        self._timed(seqs, len(tokens), started)
         events, first = [], 0
         for seq, draft, source in zip(seqs, drafts, sources):
             context = len(seq.prompt) + len(seq.tokens)
@@ -351,6 +353,10 @@ class Engine:
                 self.planner.checked(seq, source, context, len(draft), kept)
             first += 1 + len(draft)
         return events
+
+    def _timed(self, seqs: list[Sequence], entries: int, started: float) -> None:
+        if self.planner is not None:
+            self.planner.cost.observe(entries, time.thread_time() - started, sampled(seqs))
 
     def _target_pass(self, tokens: list[int], rows: list[int], positions: list[int]) -> torch.Tensor:
         """Logits of every entry, the matrix products seeing only row counts their kernels keep."""

@@ -41,15 +41,31 @@ SOURCES = (LOOKUP, DRAFT)
 MAX_DRAFT = 8  # tokens checked beyond the one every step yields
 LOOKUP_NGRAMS = (4, 3, 2)  # suffix lengths matched, longest first: one token alone matches too much noise
 # Acceptance is a decayed count of kept and missed draft positions, so that it follows a request
-# through text that turns repetitive and back; a fresh request starts at even odds.
+# through text that turns repetitive and back. A fresh request starts from the rate of the engine's
+# recent checks of that source for requests that sample as it does (greedy or not: a draft kept
+# every time in greedy text can be kept one time in eight in sampled text), even odds before any, as
+# if it had seen PRIOR_WEIGHT positions: where
+# a source's drafts keep missing, each new request paid its first checks to learn it again (at 16
+# requests of 48 tokens, a draft model pass and 16 entries a batch).
 ACCEPTANCE_DECAY = 0.9
+PRIOR_WEIGHT = 2.0
 # A request whose drafts are not worth checking tries one draft token again after this many steps,
 # so that acceptance can recover when its text turns predictable (the cost: one entry in PROBE_EVERY).
+# Each probe of a source that missed, in a row, across requests, doubles the wait, up to
+# 2 ** MOST_PROBE_BACKOFF times: a probe costs a draft model's catch-up over the request's text and a
+# sampled entry, and one per 48-token request cost 6-8% of the tokens/s where drafts never match.
 PROBE_EVERY = 32
+MOST_PROBE_BACKOFF = 3
 # Until two entry counts have been timed, an extra entry is assumed to cost this share of a one-entry
 # pass (a batch-1 pass mostly reads weights); the first speculative passes measure the real cost.
 PRIOR_ENTRY_SHARE = 0.1
-TIMING_DECAY = 0.8
+# Timings follow the fastest passes: a pass timed above the estimate moves it up by this share of the
+# difference only, one below replaces it. Other processes on the machine slow passes down at random, and
+# an estimate that followed them would price an extra entry at whatever the load added between a
+# one-entry pass and a longer one: on a loaded machine the planner then stopped drafting altogether, and
+# with no longer passes timed it never learnt otherwise. A machine that truly got slower still shows in
+# the estimates within some tens of passes.
+TIMING_RISE = 0.05
 
 
 @dataclass
@@ -67,13 +83,18 @@ class Acceptance:
         self.kept = self.kept * ACCEPTANCE_DECAY + accepted
         self.missed = self.missed * ACCEPTANCE_DECAY + (accepted < proposed)
 
+    def prior(self) -> Acceptance:
+        """A fresh request's acceptance: this rate, weighed as PRIOR_WEIGHT positions."""
+        return Acceptance(PRIOR_WEIGHT * self.rate, PRIOR_WEIGHT * (1 - self.rate))
+
 
 @dataclass
 class DraftState:
     """One request's speculation: acceptance by source, steps since it last drafted, draft cache fill."""
 
-    acceptance: dict[str, Acceptance] = field(default_factory=lambda: {s: Acceptance() for s in SOURCES})
+    acceptance: dict[str, Acceptance] = field(default_factory=dict)  # by source, from its first plan on
     idle_steps: int = 0
+    probing: bool = False  # its next check is a probe
     draft_model: object = None  # the DraftModel whose cache row holds `cached` tokens of this request
     cached: int = 0
 
@@ -100,10 +121,20 @@ class PromptLookup:
             end = len(haystack) - 4  # an occurrence ending before the last token: never the suffix itself
             while (found := haystack.rfind(needle, 0, end)) >= 0:
                 if found % 4 == 0:  # token-aligned
-                    follows = found // 4 + n
-                    return context[follows : follows + most]
+                    return repeat(context, found // 4 + n, most)
                 end = found + len(needle) - 1
         return []
+
+
+def repeat(context: list[int], start: int, most: int) -> list[int]:
+    """Up to `most` tokens copied from `context[start:]` onwards, the copy running on into the tokens it
+    proposes: where the match is a few tokens back (a line or a word repeated over and over), it
+    continues the repetition rather than stopping at the end of the text."""
+    copied = context[start : start + most]
+    period = len(context) - start  # the copy's distance back: all of it was copied if it falls short of most
+    while len(copied) < most:
+        copied.append(copied[-period])
+    return copied
 
 
 class DraftModel:
@@ -171,37 +202,56 @@ class DraftModel:
         seq.draft.cached = min(seq.draft.cached, context_len + accepted)
 
 
+def sampled(seqs) -> bool:
+    """Whether a pass over `seqs` samples any row (a top-k or top-p draw), not only argmaxes."""
+    return any(seq.params.temperature > 0 for seq in seqs)
+
+
 class PassCost:
-    """What a target pass costs by its number of entries (seconds = fixed + per_entry * entries), fitted
-    to the passes timed so far, and what a draft model pass costs."""
+    """What a target pass and its sampling cost by its number of entries (seconds = fixed + per_entry *
+    entries), fitted to the passes timed so far, and what a draft model pass costs. Passes that sample
+    are timed apart from greedy ones: a top-k draw over the vocabulary costs each entry more than the
+    pass itself at batch 1 (mini on the CPU: 1 ms against 0.3), so greedy timings underprice a sampled
+    entry, and sampled drafts that were kept one time in eight cost a tenth of the tokens/s.
+
+    Passes are timed in the CPU time of the thread that runs them (`time.thread_time`), not on the wall
+    clock: on a shared machine the wall clock also counts the time other processes held the core, at
+    random, and a few such passes priced an extra entry at most of a pass, so that the planner stopped
+    drafting where drafts paid (its own passes cost the same with or without the load)."""
 
     def __init__(self):
-        self.seconds: dict[int, float] = {}
+        self.timed: dict[bool, dict[int, float]] = {False: {}, True: {}}  # by whether the pass sampled
         self.draft_pass = 0.0
 
-    def observe(self, entries: int, seconds: float) -> None:
-        old = self.seconds.get(entries)
-        self.seconds[entries] = seconds if old is None else TIMING_DECAY * old + (1 - TIMING_DECAY) * seconds
+    def observe(self, entries: int, seconds: float, sampling: bool = False) -> None:
+        timed = self.timed[sampling]
+        timed[entries] = fastest(timed.get(entries), seconds)
 
     def observe_draft(self, passes: int, seconds: float) -> None:
         if passes:
-            per_pass = seconds / passes
-            old = self.draft_pass or per_pass
-            self.draft_pass = TIMING_DECAY * old + (1 - TIMING_DECAY) * per_pass
+            self.draft_pass = fastest(self.draft_pass or None, seconds / passes)
 
-    def fit(self) -> tuple[float, float]:
-        if not self.seconds:
+    def fit(self, sampling: bool = False) -> tuple[float, float]:
+        seconds = self.timed[sampling] or self.timed[not sampling]  # the other kind until this one is timed
+        if not seconds:
             return 1.0, PRIOR_ENTRY_SHARE
-        if len(self.seconds) == 1:
-            [(n, t)] = self.seconds.items()
+        if len(seconds) == 1:
+            [(n, t)] = seconds.items()
             per_entry = PRIOR_ENTRY_SHARE * t / n
             return t - per_entry * n, per_entry
-        points = list(self.seconds.items())
+        points = list(seconds.items())
         mean_n = sum(n for n, _ in points) / len(points)
         mean_t = sum(t for _, t in points) / len(points)
         spread = sum((n - mean_n) ** 2 for n, _ in points)
         per_entry = max(sum((n - mean_n) * (t - mean_t) for n, t in points) / spread, 0.0)
         return max(mean_t - per_entry * mean_n, 0.0), per_entry
+
+
+def fastest(estimate: float | None, seconds: float) -> float:
+    """The estimate after a pass of `seconds`: the lower envelope of the timings (see TIMING_RISE)."""
+    if estimate is None or seconds < estimate:
+        return seconds
+    return estimate + TIMING_RISE * (seconds - estimate)
 
 
 class Planner:
@@ -215,11 +265,20 @@ class Planner:
         self.fixed_length = fixed_length  # every request drafts this many wherever it can, whatever it pays
         self.cost = PassCost()
         self.stats = Stats()
+        # By (source, whether the request samples): every request's checks, and probes in a row that kept nothing.
+        self.recent = {(source, sampling): Acceptance() for source in SOURCES for sampling in (False, True)}
+        self.missed_probes = Counter()
+
+    def acceptance(self, seq, source: str) -> Acceptance:
+        """The request's acceptance of `source`'s drafts; a request new to it starts from `recent`'s rate."""
+        if source not in seq.draft.acceptance:
+            seq.draft.acceptance[source] = self.recent[source, sampled([seq])].prior()
+        return seq.draft.acceptance[source]
 
     def plan(self, seqs) -> tuple[list[str | None], list[list[int]], list[int]]:
         """(source, lookup drafts, draft length) per sequence. Draft lengths for the draft model are only
         numbers here: its tokens come from `DraftModel.propose` once every length is known."""
-        fixed, per_entry = self.cost.fit()
+        fixed, per_entry = self.cost.fit(sampled(seqs))
         sources: list[str | None] = [None] * len(seqs)
         found: list[list[int]] = [[] for _ in seqs]
         room = [0] * len(seqs)
@@ -257,9 +316,11 @@ class Planner:
         for i, source in enumerate(sources):
             if source is None:
                 continue
-            rate = seqs[i].draft.acceptance[source].rate
-            if seqs[i].draft.idle_steps + 1 >= PROBE_EVERY:
+            rate = self.acceptance(seqs[i], source).rate
+            backoff = min(self.missed_probes[source, sampled(seqs[i : i + 1])], MOST_PROBE_BACKOFF)
+            if seqs[i].draft.idle_steps + 1 >= PROBE_EVERY << backoff:
                 rate = max(rate, 1.0)  # a probe: one draft token, whatever acceptance says
+                seqs[i].draft.probing = True
             heapq.heappush(heap, (-rate, i, rate))
         while heap:
             _, i, gain = heapq.heappop(heap)
@@ -273,7 +334,7 @@ class Planner:
             if sources[i] == DRAFT:
                 draft_levels = max(draft_levels, depth[i])
             if depth[i] < room[i] and not probe:
-                rate = seqs[i].draft.acceptance[sources[i]].rate
+                rate = self.acceptance(seqs[i], sources[i]).rate
                 heapq.heappush(heap, (-(rate ** (depth[i] + 1)), i, rate ** (depth[i] + 1)))
         return depth
 
@@ -282,20 +343,27 @@ class Planner:
         drafts = [found[i][: depth[i]] if sources[i] == LOOKUP else [] for i in range(len(seqs))]
         wanted = [i for i in range(len(seqs)) if sources[i] == DRAFT and depth[i]]
         if wanted:
-            started = time.perf_counter()
+            started = time.thread_time()
             index = torch.tensor(wanted)
             proposed = self.draft.propose(
                 [rows[i] for i in wanted], [seqs[i] for i in wanted], [depth[i] for i in wanted],
                 [p[index.to(p.device)] for p in params],
             )  # fmt: skip
-            self.cost.observe_draft(max(depth[i] for i in wanted), time.perf_counter() - started)
+            self.cost.observe_draft(max(depth[i] for i in wanted), time.thread_time() - started)
             for i, tokens in zip(wanted, proposed):
                 drafts[i] = tokens
         return drafts
 
     def checked(self, seq, source: str, context_len: int, proposed: int, accepted: int) -> None:
         """Record how a sequence's drafts fared."""
-        seq.draft.acceptance[source].update(proposed, accepted)
+        self.acceptance(seq, source).update(proposed, accepted)
+        key = source, sampled([seq])
+        self.recent[key].update(proposed, accepted)
+        if accepted:
+            self.missed_probes[key] = 0
+        elif seq.draft.probing:
+            self.missed_probes[key] += 1
+        seq.draft.probing = False
         self.stats.proposed[source] += proposed
         self.stats.accepted[source] += accepted
         if source == DRAFT:

@@ -144,3 +144,38 @@ def test_the_balancers_cost_is_judged_and_a_fleet_worked_out_when_measured(resul
             "| the replica directly: 50.0 ms | +3.0 ms | ≤ +2 ms | **no** |") in body  # fmt: skip
     # The fixture's gpt2 replica serves 16 clients at 140.5 tokens/s: three replicas 3 × 140.5 × 0.98.
     assert "Worked out, not measured" in body and "3 replicas 413 tokens/s" in body
+
+
+def test_speculative_decodings_goals_are_judged_when_measured(results, tmp_path):
+    assert "Speculative decoding" not in section(write_report(results, tmp_path / "README.md"))
+    rows = [{"workload": workload, "sampling": "greedy", "speculation": setting, "batch": 1, "tokens_per_s": rate,
+             "vs_off": rate / off, "of_bound": rate / 100.0}
+            for workload, off, rates in [("continuation", 50.0, {"off": 50.0, "lookup": 60.0, "draft": 70.0,
+                                                                  "lookup + draft": 80.0}),
+                                         ("rewrite", 40.0, {"off": 40.0, "lookup": 120.0, "draft": 30.0,
+                                                             "lookup + draft": 110.0})]
+            for setting, rate in rates.items()]  # fmt: skip
+    model = {"preset": "mini", "shape": "4×4×256, context 256", "val_loss": 5.0, "step": 300,
+             "provenance": "trained in this run (600 s)"}  # fmt: skip
+    record = {"benchmark": "speculative", "samples": {"rewrite, greedy": "\n\n\n"}, "threads": 1, "new_tokens": 48,
+              "prompts": 4, "rounds": 3,
+              "passage_lines": 5, "samplings": {"greedy": {"temperature": 0.0}}, "never_a_loss_sampling": "greedy",
+              "layout": "fp32, native",
+              "models": {"target": model, "draft": {**model, "preset": "tiny"}}, "bandwidth_bytes_per_s": 6.4e9,
+              "batch1_bound_tokens_per_s": 100.0, "rows": rows,
+              "never_a_loss": [{"drafts": "random-weight draft model", "batch": 16, "off_tokens_per_s": 500.0,
+                                "on_tokens_per_s": 460.0, "on_vs_off": 0.92, "proposed": 30, "acceptance": 0.0}]}  # fmt: skip
+    (results / "speculative.json").write_text(json.dumps(record))
+    suite = json.loads((results / "suite.json").read_text())
+    suite["steps"].append({**suite["steps"][-1], "name": "speculative", "results": ["speculative.json"]})
+    (results / "suite.json").write_text(json.dumps(suite))
+    body = section(write_report(results, tmp_path / "README.md"))
+    # The fastest setting that may meet each goal: lookup on the rewrite (3×), both sources on continuation (1.6×).
+    assert ("| Speculative decoding, rewrite (mini, greedy, batch 1) | lookup: 120 tokens/s "
+            "| speculation off: 40.0 tokens/s | 3.00× | ≥ 2× | yes |") in body  # fmt: skip
+    assert ("| Speculative decoding, continuation (mini, greedy, batch 1) | lookup + draft: 80.0 tokens/s "
+            "| batch-1 bound: 100 tokens/s | 0.80× | > 1× | **no** |") in body  # fmt: skip
+    assert ("| Speculative decoding never a loss: random-weight draft model, batch 16 | on: 460 tokens/s "
+            "| off: 500 tokens/s | 0.92× | ≥ 0.95× | **no** |") in body  # fmt: skip
+    assert "### Speculative decoding on the CPU" in body and "trained in this run (600 s)" in body
+    assert "- rewrite, greedy: `'\\n\\n\\n'`" in body  # what the target wrote, visible
