@@ -25,15 +25,17 @@ def mounts(service: dict) -> dict[str, str]:
 def test_compose_file_validates_with_the_five_services_volumes_and_grace_periods():
     config = compose_config("docker-compose.yml")
     services = config["services"]
-    assert set(services) == {"api", "lb", "trainer", "prometheus", "grafana"}
-    assert set(config["volumes"]) == {"checkpoints", "prometheus-data", "grafana-data"}
+    nodes = {"trainer-node0", "trainer-node1"}  # the multinode profile's, started only when asked for
+    assert set(services) == {"api", "lb", "trainer", "prometheus", "grafana"} | nodes
+    assert all(services[node]["profiles"] == ["multinode"] and services[node]["restart"] == "no" for node in nodes)
+    assert set(config["volumes"]) == {"checkpoints", "multinode-checkpoints", "prometheus-data", "grafana-data"}
     api, trainer = services["api"], services["trainer"]
     # A finished training run stays stopped instead of being restarted into an immediate exit, forever.
     assert trainer["restart"] == "on-failure"
-    assert all(s["restart"] == "unless-stopped" for name, s in services.items() if name != "trainer")
+    assert all(s["restart"] == "unless-stopped" for name, s in services.items() if name not in {"trainer"} | nodes)
     assert api["command"][:2] == ["service", "serve"] and "8000" in api["command"]
     assert "exec trainer fit" in " ".join(trainer["command"]) and trainer["environment"]["TRAINER_STEPS"] == "5000"
-    published = {name: [p["published"] for p in s.get("ports", [])] for name, s in services.items()}
+    published = {name: [p["published"] for p in s.get("ports", [])] for name, s in services.items() if name not in nodes}
     # The API's port belongs to the load balancer: replicas publishing their own would collide.
     assert published == {"api": [], "lb": [8000], "trainer": [], "prometheus": [9090], "grafana": [3000]}
     assert mounts(api)["/checkpoints"] == mounts(trainer)["/checkpoints"] == "checkpoints"

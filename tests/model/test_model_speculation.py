@@ -153,14 +153,9 @@ def test_speculation_is_refused_where_it_could_change_tokens(sharp_model, tiny_c
             Engine(sharp_model, prompt_lookup=True, draft_length=length)
 
 
-def test_prompt_lookup_proposes_what_followed_the_latest_earlier_occurrence():
+def test_prompt_lookup_takes_the_latest_token_aligned_occurrence():
     lookup = PromptLookup()
-    text = [1, 2, 3, 9, 9, 1, 2, 3, 7, 8, 5, 1, 2, 3]
-    assert lookup.propose(text, 2) == [7, 8]  # the latest occurrence of [1, 2, 3], not the first
-    assert lookup.propose(text, 10) == [7, 8, 5, 1, 2, 3]
-    assert lookup.propose([4, 5, 6, 4, 5], 3) == [6, 4, 5]
-    assert lookup.propose([4, 5, 6, 7], 3) == []  # nothing repeats
-    assert lookup.propose([4, 4], 3) == []  # the suffix itself is no earlier occurrence
+    assert lookup.propose([1, 2, 3, 9, 9, 1, 2, 3, 7, 8, 5, 1, 2, 3], 2) == [7, 8]  # the latest, not the first
     # [5, 7] occurs in the bytes of [0x500, 0x700, 0x100] one byte in, across tokens: not an occurrence.
     assert lookup.propose([0x500, 0x700, 0x100, 9, 5, 7], 3) == []
 
@@ -182,28 +177,31 @@ def timed(planner: Planner, fixed: float, per_entry: float) -> Planner:
     return planner
 
 
+def kept(planner: Planner, seqs: list[Sequence], proposed: int, accepted: int, times: int) -> None:
+    for seq in seqs:
+        for _ in range(times):
+            planner.acceptance(seq, LOOKUP).update(proposed, accepted)
+
+
 def test_the_planner_drafts_long_where_an_entry_is_cheap_and_drafts_are_kept():
     planner = timed(Planner(lookup=True, draft=None), fixed=0.010, per_entry=0.0001)
-    [seq] = sequences(1)
-    for _ in range(5):
-        seq.draft.acceptance[LOOKUP].update(4, 4)
+    [seq] = sequences(1, temperature=0.0)
+    kept(planner, [seq], 4, 4, times=5)
     sources, found, depth = planner.plan([seq])
     assert sources == [LOOKUP] and depth == [MAX_DRAFT] and len(found[0]) == MAX_DRAFT
 
 
 def test_the_planner_stops_drafting_where_passes_are_compute_bound():
     planner = timed(Planner(lookup=True, draft=None), fixed=0.0, per_entry=0.001)
-    seqs = sequences(16)
-    for seq in seqs:
-        seq.draft.acceptance[LOOKUP].update(4, 4)
+    seqs = sequences(16, temperature=0.0)
+    kept(planner, seqs, 4, 4, times=5)
     assert planner.plan(seqs)[2] == [0] * 16
 
 
 def test_the_planner_stops_drafting_for_a_request_whose_drafts_miss_and_probes_it_again_later():
     planner = timed(Planner(lookup=True, draft=None), fixed=0.010, per_entry=0.0005)
-    [seq] = sequences(1)
-    for _ in range(30):
-        seq.draft.acceptance[LOOKUP].update(4, 0)
+    [seq] = sequences(1, temperature=0.0)
+    kept(planner, [seq], 4, 0, times=30)
     depths = [planner.plan([seq])[2][0] for _ in range(PROBE_EVERY)]
     assert depths == [0] * (PROBE_EVERY - 1) + [1]
     assert planner.plan([seq])[2] == [0]

@@ -71,10 +71,12 @@ def test_without_batch_invariance_requests_batched_together_answer_what_they_ans
         together = list(pool.map(lambda request: plain.predict(**request, speculate=True), requests))
     assert [body["text"] for body in together] == [body["text"] for body in alone]
     assert re.search(rf"serves \w+ weights, {PACKED}, not batch-invariant on cpu", plain.log())
-    # The repeated word is drafted by prompt lookup where speculation can run, and nowhere else.
-    assert alone[-1]["usage"]["drafted_tokens"] > 0
+    # Nothing is drafted, though every request asks and the repeated word gives prompt lookup drafts (the
+    # speculating service's planner may or may not check them, by what it has measured: test_service_speculation
+    # shows them drafted with a fixed draft length).
     assert [body["usage"]["drafted_tokens"] for body in together] == [0] * len(requests)
     assert "speculative decoding is off, whatever requests ask" in plain.log()
+
 
 def test_a_seed_reproduces_and_another_seed_differs(served):
     first = served.predict(prompt="The king", max_new_tokens=20, seed=7)
