@@ -42,11 +42,11 @@ MAX_DRAFT = 8  # tokens checked beyond the one every step yields
 LOOKUP_NGRAMS = (4, 3, 2)  # suffix lengths matched, longest first: one token alone matches too much noise
 # Acceptance is a decayed count of kept and missed draft positions, so that it follows a request
 # through text that turns repetitive and back. A fresh request starts from the rate of the engine's
-# recent checks of that source for requests that sample as it does (greedy or not: a draft kept
-# every time in greedy text can be kept one time in eight in sampled text), even odds before any, as
-# if it had seen PRIOR_WEIGHT positions: where
-# a source's drafts keep missing, each new request paid its first checks to learn it again (at 16
-# requests of 48 tokens, a draft model pass and 16 entries a batch).
+# recent checks of that source for requests that sample as it does (greedy or not: a draft kept every
+# time in greedy text can be kept one time in eight in sampled text), even odds before any, weighed as
+# PRIOR_WEIGHT positions. Starting each request at even odds, where a source's drafts keep missing, made
+# every new request pay its first checks to learn it again (at 16 requests of 48 tokens, a draft model
+# pass and 16 entries a batch).
 ACCEPTANCE_DECAY = 0.9
 PRIOR_WEIGHT = 2.0
 # A request whose drafts are not worth checking tries one draft token again after this many steps,
