@@ -31,6 +31,14 @@ def write_report(results, readme):
     return readme.read_text()
 
 
+def record_step(results, name: str, record: dict) -> None:
+    """`record` written as the result of one more step of the last suite, named `name`."""
+    (results / f"{name}.json").write_text(json.dumps(record))
+    suite = json.loads((results / "suite.json").read_text())
+    suite["steps"].append({**suite["steps"][-1], "name": name, "results": [f"{name}.json"]})
+    (results / "suite.json").write_text(json.dumps(suite))
+
+
 def test_the_section_between_the_markers_is_replaced_and_the_rest_kept(results, tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(README)
@@ -133,10 +141,7 @@ def test_the_balancers_cost_is_judged_and_a_fleet_worked_out_when_measured(resul
     record = {"benchmark": "balancer", "preset": "gpt2", "direct_tok_per_s": 40.0, "balancer_tok_per_s": 39.2,
               "balancer_vs_direct": 0.98, "direct_ttft_p50_ms": 50.0, "balancer_ttft_p50_ms": 53.0,
               "ttft_p50_added_ms": 3.0}  # fmt: skip
-    (results / "balancer.json").write_text(json.dumps(record))
-    suite = json.loads((results / "suite.json").read_text())
-    suite["steps"].append({**suite["steps"][-1], "name": "balancer", "results": ["balancer.json"]})
-    (results / "suite.json").write_text(json.dumps(suite))
+    record_step(results, "balancer", record)
     body = section(write_report(results, tmp_path / "README.md"))
     assert ("| Load balancer (gpt2, one client) | through HAProxy: 39.2 tokens/s | the replica directly: 40.0 tokens/s "
             "| 0.98× | ≥ 0.97× | yes |") in body  # fmt: skip
@@ -165,10 +170,7 @@ def test_speculative_decodings_goals_are_judged_when_measured(results, tmp_path)
               "batch1_bound_tokens_per_s": 100.0, "rows": rows,
               "never_a_loss": [{"drafts": "random-weight draft model", "batch": 16, "off_tokens_per_s": 500.0,
                                 "on_tokens_per_s": 460.0, "on_vs_off": 0.92, "proposed": 30, "acceptance": 0.0}]}  # fmt: skip
-    (results / "speculative.json").write_text(json.dumps(record))
-    suite = json.loads((results / "suite.json").read_text())
-    suite["steps"].append({**suite["steps"][-1], "name": "speculative", "results": ["speculative.json"]})
-    (results / "suite.json").write_text(json.dumps(suite))
+    record_step(results, "speculative", record)
     body = section(write_report(results, tmp_path / "README.md"))
     # The fastest setting that may meet each goal: lookup on the rewrite (3×), both sources on continuation (1.6×).
     assert ("| Speculative decoding, rewrite (mini, greedy, batch 1) | lookup: 120 tokens/s "
