@@ -40,7 +40,23 @@ def setup(device_name: str) -> Context:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if rank == 0 and restarts_may_hang():
+        print(SHARED_STORE_WARNING, flush=True)
     return Context(rank, world_size, device)
+
+
+# torchrun's c10d rendezvous (torch 2.13) hands its workers one TCP store for the agent's whole life. After
+# an elastic restart the new workers meet the keys the dead ones left there, and a replaced node waits for
+# the store address of a round that never publishes it: both hang. A store per round avoids it.
+SHARED_STORE_WARNING = (
+    "warning: torchrun shares its rendezvous store with the workers, so an elastic restart (--max-restarts) "
+    "can wait forever on the last attempt's keys; set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun"
+)
+
+
+def restarts_may_hang() -> bool:
+    return (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0)  # fmt: skip
 
 
 def teardown(ctx: Context) -> None:

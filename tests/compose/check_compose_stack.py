@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -60,17 +61,18 @@ API_ENV = {"SERVICE_POLL_INTERVAL": "0.5", "SERVICE_MAX_NEW_TOKENS": "4000", "SE
 REPLICAS = 3
 # The two-node training (profile multinode): 20 steps of the tiny model, a fresh run.
 NODES = ("trainer-node0", "trainer-node1")
+# Resuming, as the compose file's default: a run whose node is killed continues from last.pt.
 NODE_ENV = {**TRAINER_ENV, "TRAINER_STEPS": "20", "TRAINER_BLOCK_SIZE": "64", "TRAINER_EVAL_INTERVAL": "10",
-            "TRAINER_CHECKPOINT_INTERVAL": "5", "TRAINER_LOG_INTERVAL": "1", "TRAINER_RESUME": "false"}  # fmt: skip
+            "TRAINER_CHECKPOINT_INTERVAL": "5", "TRAINER_LOG_INTERVAL": "1", "TRAINER_RESUME": "true"}  # fmt: skip
 # The same data as the nodes' command: the host's input.txt when there is one.
 ONE_NODE = ('if [ -f /corpus/input.txt ]; then data=/corpus/input.txt; else data=builtin:pydoc; fi; exec torchrun '
             '--standalone --nproc-per-node 2 -m trainer fit --data "$data" --out /checkpoints/one-node')  # fmt: skip
-# Run in a container over the nodes' volume: how far the two runs' weights and logged losses part.
+# Run in a container over the nodes' volume: how far two runs' weights and logged losses part.
 COMPARE = """
-import json
+import json, sys
 from pathlib import Path
 from model import read_checkpoint
-runs = [Path("/checkpoints"), Path("/checkpoints/one-node")]
+runs = [Path(folder) for folder in sys.argv[1:]]
 a, b = (read_checkpoint(run / "final_model.pt")["model"] for run in runs)
 losses = [{r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
           for run in runs]
@@ -100,6 +102,22 @@ class Stack:
                 state = info["State"]
                 lines.append(f"{service}: {state['Status']} (exit {state['ExitCode']}); mounts: {mounts}")
         return "\n".join(lines) + "\n" + self.compose.logs("api", "lb", "trainer", "prometheus")
+
+    def nodes_finished(self) -> list[dict]:
+        """Wait for both trainer nodes to exit, and check that they exited 0; their states."""
+
+        def finished():
+            states = [self.compose.container(node)["State"] for node in NODES]
+            return all(state["Status"] == "exited" for state in states) and states
+
+        states = wait_for(finished, 600, interval=2.0, message="both trainer nodes to finish their 20 steps")
+        assert [state["ExitCode"] for state in states] == [0, 0], self.compose.logs(*NODES)
+        return states
+
+    def compare_runs(self, *folders: str) -> dict:
+        """COMPARE's figures for two runs' folders on the nodes' volume."""
+        argv = ("--profile", "multinode", "run", "--rm", "-T", "--no-deps", NODES[0], "python", "-c", COMPARE)
+        return json.loads(self.compose.ok(*argv, *folders).strip().splitlines()[-1])
 
     def replicas(self) -> list[str]:
         """The address of every running api replica."""
@@ -553,18 +571,40 @@ def test_two_trainer_nodes_train_as_one_node_of_two_processes(stack):
     and the loss curve of one container running two processes, within fp32 rounding."""
     multinode = ("--profile", "multinode")
     stack.compose.ok(*multinode, "up", "-d", *NODES)
-
-    def finished():
-        states = [stack.compose.container(node)["State"] for node in NODES]
-        return all(state["Status"] == "exited" for state in states) and states
-
-    states = wait_for(finished, 600, interval=2.0, message="both trainer nodes to finish their 20 steps")
-    assert [state["ExitCode"] for state in states] == [0, 0], stack.compose.logs(*NODES)
+    stack.nodes_finished()
     stack.compose.ok(*multinode, "run", "--rm", "-T", "--no-deps", NODES[0], "sh", "-c", ONE_NODE)
-    output = stack.compose.ok(*multinode, "run", "--rm", "-T", "--no-deps", NODES[0], "python", "-c", COMPARE)
-    compared = json.loads(output.strip().splitlines()[-1])
+    compared = stack.compare_runs("/checkpoints", "/checkpoints/one-node")
     assert compared["same_tensors"] and compared["steps"] == [list(range(1, 21))] * 2, compared
     assert compared["weights"] <= 1e-5 and compared["losses"] <= 1e-5, compared
+    stack.compose.ok(*multinode, "rm", "-f", "-s", *NODES)
+
+
+def test_a_trainer_node_killed_mid_run_comes_back_and_the_run_resumes_to_the_same_weights(stack):
+    """Node 1's container SIGKILLed mid-run, from the host as a crash would: Docker starts it again
+    (restart: on-failure), torchrun restarts both nodes' workers (--max-restarts), they resume from last.pt
+    and end on the uninterrupted run's weights."""
+    multinode = ("--profile", "multinode")
+    stack.compose.ok(*multinode, "run", "--rm", "-T", "--no-deps", NODES[0], "sh", "-c",
+                     "mkdir /checkpoints/uninterrupted && mv /checkpoints/*.pt /checkpoints/metrics.jsonl "
+                     "/checkpoints/uninterrupted/")  # fmt: skip
+    stack.compose.ok(*multinode, "up", "-d", *NODES)
+    node1 = stack.compose.container(NODES[1])
+    [volume] = [Path(m["Source"]) for m in node1["Mounts"] if m["Destination"] == "/checkpoints"]
+    wait_for(lambda: (volume / "last.pt").exists(), 600, interval=0.05, message="the run's first last.pt")
+    # Node 1 stopped first, so node 0 waits in its next collective and the kill lands mid-run however busy
+    # the machine is; then its init killed, which takes the whole container down.
+    pids = [int(pid) for pid in stack.compose.engine.docker("top", node1["Id"], "-eo", "pid").stdout.split()[1:]]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    assert not (volume / "final_model.pt").exists(), "the run ended before the kill"
+    os.kill(node1["State"]["Pid"], signal.SIGKILL)
+    stack.nodes_finished()
+    logs = stack.compose.logs(*NODES, tail="all")
+    resumed = re.search(r"resuming at step (\d+),", logs)
+    assert resumed and 5 <= int(resumed.group(1)) < 20, logs[-4000:]
+    compared = stack.compare_runs("/checkpoints", "/checkpoints/uninterrupted")
+    assert compared["same_tensors"] and compared["weights"] <= 1e-5, compared
+    assert stack.compose.engine.inspect("container", node1["Id"])[0]["RestartCount"] >= 1
     stack.compose.ok(*multinode, "rm", "-f", "-s", *NODES)
 
 
