@@ -149,6 +149,10 @@ def test_the_balancers_cost_is_judged_and_a_fleet_worked_out_when_measured(resul
             "| the replica directly: 50.0 ms | +3.0 ms | ≤ +2 ms | **no** |") in body  # fmt: skip
     # The fixture's gpt2 replica serves 16 clients at 140.5 tokens/s: three replicas 3 × 140.5 × 0.98.
     assert "Worked out, not measured" in body and "3 replicas 413 tokens/s" in body
+    # A balancer measured faster than the replica is noise: the fleet is never worked out above N replicas.
+    (results / "balancer.json").write_text(json.dumps({**record, "balancer_tok_per_s": 41.2, "balancer_vs_direct": 1.03}))
+    body = section(write_report(results, tmp_path / "README.md"))
+    assert "3 replicas 421 tokens/s" in body and "(measured 1.03×, counted as at most 1×)" in body
 
 
 def test_speculative_decodings_goals_are_judged_when_measured(results, tmp_path):
