@@ -568,14 +568,15 @@ def test_a_replica_killed_mid_stream_fails_only_its_own_streams(stack):
 
 def test_two_trainer_nodes_train_as_one_node_of_two_processes(stack):
     """torchrun across two containers (a c10d rendezvous at node 0, rank 0 publishing) ends with the weights
-    and the loss curve of one container running two processes, within fp32 rounding."""
+    and the loss curve of one container running two processes."""
     multinode = ("--profile", "multinode")
     stack.compose.ok(*multinode, "up", "-d", *NODES)
     stack.nodes_finished()
     stack.compose.ok(*multinode, "run", "--rm", "-T", "--no-deps", NODES[0], "sh", "-c", ONE_NODE)
     compared = stack.compare_runs("/checkpoints", "/checkpoints/one-node")
     assert compared["same_tensors"] and compared["steps"] == [list(range(1, 21))] * 2, compared
-    assert compared["weights"] <= 1e-5 and compared["losses"] <= 1e-5, compared
+    # Bit for bit: the same arithmetic, the all-reduce of two ranks one addition, the same in either order.
+    assert compared["weights"] == 0 and compared["losses"] == 0, compared
     stack.compose.ok(*multinode, "rm", "-f", "-s", *NODES)
 
 
@@ -603,7 +604,7 @@ def test_a_trainer_node_killed_mid_run_comes_back_and_the_run_resumes_to_the_sam
     resumed = re.search(r"resuming at step (\d+),", logs)
     assert resumed and 5 <= int(resumed.group(1)) < 20, logs[-4000:]
     compared = stack.compare_runs("/checkpoints", "/checkpoints/uninterrupted")
-    assert compared["same_tensors"] and compared["weights"] <= 1e-5, compared
+    assert compared["same_tensors"] and compared["weights"] == 0, compared
     assert stack.compose.engine.inspect("container", node1["Id"])[0]["RestartCount"] >= 1
     stack.compose.ok(*multinode, "rm", "-f", "-s", *NODES)
 

@@ -27,7 +27,11 @@ def test_compose_file_validates_with_the_five_services_volumes_and_grace_periods
     services = config["services"]
     nodes = {"trainer-node0", "trainer-node1"}  # the multinode profile's, started only when asked for
     assert set(services) == {"api", "lb", "trainer", "prometheus", "grafana"} | nodes
-    assert all(services[node]["profiles"] == ["multinode"] and services[node]["restart"] == "no" for node in nodes)
+    # A node that dies comes back and rejoins (torchrun restarts both nodes' workers); one that keeps failing
+    # stops. The image gives each rendezvous round its own store, without which those restarts hang.
+    assert all(services[node]["profiles"] == ["multinode"] and services[node]["restart"] == "on-failure:3"
+               and "--max-restarts 3" in " ".join(services[node]["command"]) for node in nodes)  # fmt: skip
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in (ROOT / "deploy" / "Dockerfile").read_text()
     assert set(config["volumes"]) == {"checkpoints", "multinode-checkpoints", "prometheus-data", "grafana-data"}
     api, trainer = services["api"], services["trainer"]
     # A finished training run stays stopped instead of being restarted into an immediate exit, forever.

@@ -2,10 +2,10 @@
 meeting through a c10d rendezvous at node 0 (`--nnodes 2 --rdzv-backend c10d`), here both on this machine.
 The Kubernetes Job starts the same command in two pods, the compose profile in two containers.
 
-A node's worker killed, and a whole node killed and replaced, both end on the uninterrupted run's weights:
-torchrun restarts every node's workers (`--max-restarts`) and they resume from last.pt. Both need a
-rendezvous store per round (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, as the image sets it): with the store
-shared, the worker kill hung in one run of three and the node kill in every run."""
+A node's worker killed ends on the uninterrupted run's weights: torchrun restarts every node's workers
+(`--max-restarts`) and they resume from last.pt. That needs a rendezvous store per round
+(TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, as the image sets it): with the store shared, it hung in one run of
+three. A whole node killed and started again is make test-compose's (tests/compose), a container SIGKILLed."""
 
 import os
 import re
@@ -51,15 +51,12 @@ class TwoNodes:
     """Node 0 starts first: it hosts the rendezvous store, as the pod or container at the endpoint does."""
 
     def __init__(self, logs: Path, flags: list[str], env: dict[str, str]):
-        self.logs, self.flags, self.env = logs, flags, env
-        self.port = free_port()
-        self.nodes = [node(self.port, flags, logs / "node0.log", env)]
-        wait_for(lambda: listening(self.port) or self.nodes[0].poll() is not None, 120, interval=0.1,
+        self.logs = logs
+        port = free_port()
+        self.nodes = [node(port, flags, logs / "node0.log", env)]
+        wait_for(lambda: listening(port) or self.nodes[0].poll() is not None, 120, interval=0.1,
                  message="node 0's rendezvous")  # fmt: skip
-        self.nodes.append(node(self.port, flags, logs / "node1.log", env))
-
-    def replace_node1(self) -> None:
-        self.nodes[1] = node(self.port, self.flags, self.logs / "node1-replacement.log", self.env)
+        self.nodes.append(node(port, flags, logs / "node1.log", env))
 
     def finish(self) -> str:
         """Wait for the nodes to exit 0; their output."""
@@ -75,7 +72,9 @@ def weights(out) -> dict:
 
 
 def same_weights(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    """Bit for bit: both runs do the same arithmetic, their all-reduce of two ranks one addition, which
+    gives the same bits in either order."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.fixture(scope="module")
@@ -90,19 +89,16 @@ def one_node(tmp_path_factory, cache_dir) -> Path:
     return out
 
 
-def paused_mid_run(nodes: TwoNodes, out: Path, *, whole_node: bool) -> list[psutil.Process]:
-    """Node 1's worker, or its agent and worker, stopped once last.pt exists (atomically published, so
-    whole) and checked to be mid-run: node 0 then waits in its next collective, so the kill that follows
-    lands mid-run however busy the machine is."""
+def paused_mid_run(nodes: TwoNodes, out: Path) -> psutil.Process:
+    """Node 1's worker, stopped once last.pt exists (atomically published, so whole) and checked to be
+    mid-run: node 0 then waits in its next collective, so the kill that follows lands mid-run however busy
+    the machine is."""
     wait_for(lambda: (out / "last.pt").exists() or nodes.nodes[0].poll() is not None, 600, interval=0.05,
              message="last.pt")  # fmt: skip
-    agent = psutil.Process(nodes.nodes[1].pid)
-    # The worker has a session of its own, so a process-group kill would miss it.
-    victims = [agent, *agent.children(recursive=True)] if whole_node else agent.children()
-    for victim in victims:
-        victim.send_signal(signal.SIGSTOP)
-    assert len(victims) == (2 if whole_node else 1) and not (out / "final_model.pt").exists(), victims
-    return victims
+    [worker] = psutil.Process(nodes.nodes[1].pid).children()
+    worker.send_signal(signal.SIGSTOP)
+    assert not (out / "final_model.pt").exists(), "the run ended before the kill"
+    return worker
 
 
 def resumed_step(output: str) -> int:
@@ -121,8 +117,7 @@ def test_two_nodes_train_as_one_node_of_two_processes(one_node, tiny, records, t
     curve = [(r["step"], r["loss"], r.get("val_loss")) for r in records(two)]
     reference = [(r["step"], r["loss"], r.get("val_loss")) for r in records(one_node)]
     assert [step for step, *_ in curve] == list(range(1, 21)), "rank 0 alone logs, once a step"
-    for (_, loss, val), (_, ref_loss, ref_val) in zip(curve, reference, strict=True):
-        assert abs(loss - ref_loss) < 1e-5 and abs((val or 0) - (ref_val or 0)) < 1e-5
+    assert curve == reference
     assert same_weights(weights(two), weights(one_node))
 
 
@@ -130,21 +125,8 @@ def test_two_nodes_train_as_one_node_of_two_processes(one_node, tiny, records, t
 def test_a_worker_killed_on_one_node_restarts_both_and_the_job_resumes_from_last_pt(one_node, tiny, tmp_path):
     out = tmp_path / "killed"
     nodes = TwoNodes(tmp_path, tiny(out, *STEPS, "--resume"), env=STORE_PER_ROUND)
-    [worker] = paused_mid_run(nodes, out, whole_node=False)
+    worker = paused_mid_run(nodes, out)
     worker.send_signal(signal.SIGKILL)
     output = nodes.finish()
     assert 5 <= resumed_step(output) < 20 and SHARED_STORE_WARNING not in output
-    assert same_weights(weights(out), weights(one_node))
-
-
-@pytest.mark.timeout(900)
-def test_a_node_killed_whole_and_replaced_rejoins_and_the_job_resumes_from_last_pt(one_node, tiny, tmp_path):
-    out = tmp_path / "killed"
-    nodes = TwoNodes(tmp_path, tiny(out, *STEPS, "--resume"), env=STORE_PER_ROUND)
-    for process in paused_mid_run(nodes, out, whole_node=True):
-        process.send_signal(signal.SIGKILL)
-    nodes.nodes[1].wait(timeout=60)
-    nodes.replace_node1()
-    output = nodes.finish()
-    assert 5 <= resumed_step(output) < 20
     assert same_weights(weights(out), weights(one_node))
