@@ -51,6 +51,7 @@ import logging
 import multiprocessing as mp
 import os
 import pickle
+import signal
 import threading
 import time
 import uuid
@@ -448,6 +449,10 @@ class DrainingServer(litserve.server._Server):
         self._captured_signals.clear()
 
     def run(self, worker_id: int, sockets=None) -> None:
+        # uvicorn puts back the SIGTERM handler it found once it has served. LitServe's shutdown terminates each
+        # server again after ours did, and that second SIGTERM, landing between the drain and the exit below,
+        # turned a clean drain into "killed by SIGTERM" under load: ignored there, it changes nothing.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         super().run(worker_id, sockets)
         os._exit(3 if DrainingServer.cut else 0)
 

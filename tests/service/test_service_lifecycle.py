@@ -6,11 +6,13 @@ directory; the last test of the file stops it with Ctrl-C. SIGTERM gets a servic
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
 import platform
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -109,6 +111,28 @@ def test_sigterm_drains_and_leaves_no_process_whichever_thread_takes_it(launch, 
     others = [thread.id for thread in psutil.Process(service.process.pid).threads() if thread.id != service.process.pid]
     assert others, "the main process runs threads beside its main one"
     assert_drains(service, lambda: signal_thread(service.process.pid, others[-1], signal.SIGTERM))
+
+
+def test_sigterms_repeated_at_the_http_servers_through_the_drain_leave_a_clean_exit(launch, tmp_path):
+    """LitServe's shutdown terminates each HTTP server again after the service's own SIGTERM; one that
+    landed after a server's drain, as it did under load, ended the server "killed by SIGTERM" and the
+    service with status 1. Here SIGTERMs go to the servers without pause until they are gone."""
+    publish(tmp_path, step=3)
+    service = launch(tmp_path, "--api-servers", "2")
+    service.wait_serving(step=3)
+    # psutil checks each process is still the one it was (pid and start time) before signalling it.
+    servers = [psutil.Process(pid) for pid in service.metrics().pids("api")]
+    assert len(servers) == 2
+
+    def hammer() -> None:
+        while any(server.is_running() for server in servers):
+            for server in servers:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    server.send_signal(signal.SIGTERM)
+
+    hammering = threading.Thread(target=hammer, daemon=True)
+    assert_drains(service, lambda: (os.kill(service.process.pid, signal.SIGTERM), hammering.start()))
+    hammering.join(timeout=60)
 
 
 def signal_thread(pid: int, thread_id: int, sig: int) -> None:
