@@ -112,7 +112,7 @@ def resumed_step(output: str) -> int:
 def test_two_nodes_train_as_one_node_of_two_processes(one_node, tiny, records, tmp_path):
     two = tmp_path / "two-nodes"
     # The store shared, as torchrun's default: nothing restarts here, and rank 0 warns that a restart would hang.
-    output = TwoNodes(tmp_path, tiny(two, *STEPS), env={}).finish()
+    output = TwoNodes(tmp_path, tiny(two, *STEPS), env={"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "0"}).finish()
     assert SHARED_STORE_WARNING in output
     curve = [(r["step"], r["loss"], r.get("val_loss")) for r in records(two)]
     reference = [(r["step"], r["loss"], r.get("val_loss")) for r in records(one_node)]
