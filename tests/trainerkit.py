@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -49,3 +50,10 @@ def read_until(process: subprocess.Popen, prefix: str, seen: list[str]) -> str:
         if line.startswith(prefix):
             return line
     raise AssertionError(f"process ended before printing {prefix!r}:\n{''.join(seen)}")
+
+
+def resumed_step(output: str) -> int:
+    """The step a run's output says it resumed at (its "resuming at step N," line)."""
+    found = re.search(r"resuming at step (\d+),", output)
+    assert found, output[-4000:]
+    return int(found.group(1))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import signal
 import threading
 import time
@@ -33,6 +32,7 @@ from composekit import (
 )
 from lbkit import Traffic
 from servicekit import Scrape, free_port, wait_for
+from trainerkit import resumed_step
 
 from model.checkpoint import read_checkpoint
 
@@ -600,9 +600,7 @@ def test_a_trainer_node_killed_mid_run_comes_back_and_the_run_resumes_to_the_sam
     assert not (volume / "final_model.pt").exists(), "the run ended before the kill"
     os.kill(node1["State"]["Pid"], signal.SIGKILL)
     stack.nodes_finished()
-    logs = stack.compose.logs(*NODES, tail="all")
-    resumed = re.search(r"resuming at step (\d+),", logs)
-    assert resumed and 5 <= int(resumed.group(1)) < 20, logs[-4000:]
+    assert 5 <= resumed_step(stack.compose.logs(*NODES, tail="all")) < 20
     compared = stack.compare_runs("/checkpoints", "/checkpoints/uninterrupted")
     assert compared["same_tensors"] and compared["weights"] == 0, compared
     assert stack.compose.engine.inspect("container", node1["Id"])[0]["RestartCount"] >= 1

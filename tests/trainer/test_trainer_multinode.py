@@ -8,7 +8,6 @@ A node's worker killed ends on the uninterrupted run's weights: torchrun restart
 three. A whole node killed and started again is make test-compose's (tests/compose), a container SIGKILLed."""
 
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -20,7 +19,7 @@ import psutil
 import pytest
 import torch
 from servicekit import free_port, wait_for
-from trainerkit import tiny_flags
+from trainerkit import resumed_step, tiny_flags
 
 from model import read_checkpoint
 from trainer.distributed import SHARED_STORE_WARNING
@@ -51,18 +50,18 @@ class TwoNodes:
     """Node 0 starts first: it hosts the rendezvous store, as the pod or container at the endpoint does."""
 
     def __init__(self, logs: Path, flags: list[str], env: dict[str, str]):
-        self.logs = logs
+        self.logs = [logs / "node0.log", logs / "node1.log"]
         port = free_port()
-        self.nodes = [node(port, flags, logs / "node0.log", env)]
+        self.nodes = [node(port, flags, self.logs[0], env)]
         wait_for(lambda: listening(port) or self.nodes[0].poll() is not None, 120, interval=0.1,
                  message="node 0's rendezvous")  # fmt: skip
-        self.nodes.append(node(port, flags, logs / "node1.log", env))
+        self.nodes.append(node(port, flags, self.logs[1], env))
 
     def finish(self) -> str:
         """Wait for the nodes to exit 0; their output."""
         for process in self.nodes:
             process.wait(timeout=600)
-        text = "".join(log.read_text() for log in sorted(self.logs.glob("node*.log")))
+        text = "".join(log.read_text() for log in self.logs)
         assert all(p.returncode == 0 for p in self.nodes), [p.returncode for p in self.nodes] + [text[-4000:]]
         return text
 
@@ -99,12 +98,6 @@ def paused_mid_run(nodes: TwoNodes, out: Path) -> psutil.Process:
     worker.send_signal(signal.SIGSTOP)
     assert not (out / "final_model.pt").exists(), "the run ended before the kill"
     return worker
-
-
-def resumed_step(output: str) -> int:
-    found = re.search(r"resuming at step (\d+),", output)
-    assert found, output[-4000:]
-    return int(found.group(1))
 
 
 # Beside other work, these torchrun jobs run longer than the suite's default 300 s.
