@@ -178,6 +178,17 @@ class Stack:
         except httpx.TransportError:
             return 0
 
+    def balancer_sessions(self) -> dict[str, float]:
+        """Open sessions per balancer slot that holds a replica's address."""
+        metrics = self.compose.address(self.compose.container("lb"), 8405)
+        scrape = Scrape(httpx.get(f"{metrics}/metrics", timeout=10).text)
+        return {dict(labels)["server"]: v for (name, labels), v in scrape.samples.items()
+                if name == "haproxy_server_current_sessions" and ("proxy", "api") in labels}  # fmt: skip
+
+    def pids(self, container: dict) -> list[int]:
+        """Host pids of every process in a container."""
+        return [int(pid) for pid in self.compose.engine.docker("top", container["Id"], "-eo", "pid").stdout.split()[1:]]
+
     def answered(self, replica: str) -> float:
         """/predict requests a replica has answered."""
         scrape = Scrape(httpx.get(f"{replica}/metrics", timeout=10).text)
@@ -539,19 +550,26 @@ def test_a_replica_killed_mid_stream_fails_only_its_own_streams(stack):
         except httpx.HTTPError as e:
             errors[i] = e
 
+    # Each replica's processes are listed before the streams start, so that the one to kill can be frozen
+    # the moment its running streams are counted: no stream of its can end between the count and the kill.
+    replicas = [(c, stack.compose.address(c, 8000), stack.pids(c)) for c in stack.compose.containers("api")]
     clients = [threading.Thread(target=client, args=(i,)) for i in range(len(streams))]
     for thread in clients:
         thread.start()
     assert all(first.wait(120) for _, first in streams), "the streams never started"
-    victim = stack.compose.containers("api")[0]
-    address = stack.compose.address(victim, 8000)
-    running = Scrape(httpx.get(f"{address}/metrics", timeout=10).text).get("gpt_num_requests_running")
+    counts = [Scrape(httpx.get(f"{address}/metrics", timeout=10).text).get("gpt_num_requests_running")
+              for _, address, _ in replicas]  # fmt: skip
+    # The replica running the most streams is killed (least connections should give each two).
+    killed = max(range(len(replicas)), key=counts.__getitem__)
+    victim, _, pids = replicas[killed]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
     os.kill(victim["State"]["Pid"], signal.SIGKILL)
     for thread in clients:
         thread.join(300)
     # The killed replica's streams end cut, which the client sees (no [DONE], an incomplete chunked body);
     # every other stream finishes.
-    assert len(errors) == running > 0, (running, errors)
+    assert len(errors) == counts[killed] > 0, (counts, errors, stack.balancer_sessions())
     assert all(isinstance(e, (httpx.RemoteProtocolError, httpx.ReadError)) for e in errors.values()), errors
     for i, (events, _) in enumerate(streams):
         if i not in errors:
@@ -594,8 +612,7 @@ def test_a_trainer_node_killed_mid_run_comes_back_and_the_run_resumes_to_the_sam
     wait_for(lambda: (volume / "last.pt").exists(), 600, interval=0.05, message="the run's first last.pt")
     # Node 1 stopped first, so node 0 waits in its next collective and the kill lands mid-run however busy
     # the machine is; then its init killed, which takes the whole container down.
-    pids = [int(pid) for pid in stack.compose.engine.docker("top", node1["Id"], "-eo", "pid").stdout.split()[1:]]
-    for pid in pids:
+    for pid in stack.pids(node1):
         os.kill(pid, signal.SIGSTOP)
     assert not (volume / "final_model.pt").exists(), "the run ended before the kill"
     os.kill(node1["State"]["Pid"], signal.SIGKILL)
