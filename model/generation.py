@@ -12,8 +12,8 @@ matrix products see only row counts whose per-row results their kernels keep (`d
 
 Speculative decoding (model/speculation.py) rides on the same invariance: a decode pass may hold
 several entries of one request, its last token and draft tokens at the following positions, and each
-entry's logits are those of a one-token step there. Random numbers are indexed by token position
-(`Sequence.uniform`), so the tokens are plain decoding's, whichever drafts were checked.
+entry's logits are those of a one-token step there. Random keys are indexed by token position
+(`Sequence.key`), so the tokens are plain decoding's, whichever drafts were checked.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch.nn as nn
 from model.decode_linear import DecodeLinear
 from model.gpt import GPT, KVCache
 from model.quantize import Int8Linear
-from model.sampling import sample
+from model.sampling import KEY_BITS, sample
 from model.speculation import DraftModel, DraftState, Planner, sampled
 from model.tokenizer import EOT_TOKEN, TextStream, Tokenizer
 
@@ -127,7 +127,7 @@ class Sequence:
     tokens: list[int] = field(default_factory=list)
     cancelled: bool = False
     finished: bool = False
-    draws: list[float] = field(default_factory=list)
+    keys: list[int] = field(default_factory=list)
     draft: DraftState = field(default_factory=DraftState)
 
     @property
@@ -135,12 +135,12 @@ class Sequence:
         """Where the most recent token sits (and is written to the cache by the next decode)."""
         return len(self.prompt) + len(self.tokens) - 1
 
-    def uniform(self, index: int) -> float:
-        """The random number that new token `index` is sampled with: the index-th draw of the request's
-        seeded generator, the same whenever and however often it is asked for."""
-        while len(self.draws) <= index:
-            self.draws.append(float(torch.rand((), generator=self.generator)))
-        return self.draws[index]
+    def key(self, index: int) -> int:
+        """The random key that new token `index` is sampled with (model.sampling): the index-th draw of the
+        request's seeded generator, the same whenever and however often it is asked for."""
+        while len(self.keys) <= index:
+            self.keys.append(int(torch.randint(2**KEY_BITS, (), generator=self.generator)))
+        return self.keys[index]
 
 
 class Batch:
@@ -393,8 +393,8 @@ class Engine:
 
     def _pick(self, seqs: list[Sequence], logits: torch.Tensor, params, indices: list[int]) -> list[int]:
         """The token of each row of `logits`: row i is new token `indices[i]` of `seqs[i]`."""
-        uniform = torch.tensor([s.uniform(i) for s, i in zip(seqs, indices)], device=self.device)
-        return sample(logits, *params, uniform).tolist()
+        keys = torch.tensor([s.key(i) for s, i in zip(seqs, indices)], device=self.device)
+        return sample(logits, *params, keys).tolist()
 
     def _advance(self, seq: Sequence, token: int, drafted: bool = False) -> TokenEvent:
         seq.tokens.append(token)

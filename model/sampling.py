@@ -1,15 +1,25 @@
-"""Batched next-token sampling with per-row temperature, top-k, top-p and random draws.
+"""Batched next-token sampling with per-row temperature, top-k, top-p and random keys.
 
-Every row is sampled by inverse transform with one uniform number drawn from that request's
-generator, and every number on the way depends on that row's logits alone, never on the other rows
-or on how many candidates they asked for: exponentials and prefix sums are exact per element, and
-candidates are ranked by (logit, then lowest token id), a total order, so equal logits (frequent in
-bf16) rank the same whichever kernel sorts them and however many candidates it is asked for.
+Every row is sampled by the Gumbel-max trick: the token with the highest tempered logit plus Gumbel
+noise, among the row's candidates, which draws exactly from the tempered, truncated softmax. The noise
+of each (row, token) comes from a counter-based hash of the row's key and the token id, not from a
+stream: a key is one request's draw for one position, so the token picked there depends on that
+row's logits and key alone, never on the other rows, on how many candidates they asked for, or on
+when it is asked. Two models' rows given the same key share their noise token by token, so where
+their distributions are close they pick the same token (Gumbel coupling: the same token with
+probability at least (1 - d) / (1 + d), d the distributions' total variation distance). Speculative
+decoding's draft model relies on that, and samples its drafts with the key of each position.
+
+Candidates are ranked by (logit, then lowest token id), a total order, so equal logits (frequent in
+bf16) rank the same whichever kernel sorts them and however many candidates it is asked for; the
+nucleus is a prefix of that ranking, its prefix sums exact per element.
 """
 
 from __future__ import annotations
 
 import torch
+
+KEY_BITS = 62  # a key's random bits: two 32-bit words' worth that fits a signed int64
 
 
 def sample(
@@ -17,12 +27,12 @@ def sample(
     temperature: torch.Tensor,
     top_k: torch.Tensor,
     top_p: torch.Tensor,
-    uniform: torch.Tensor,
+    keys: torch.Tensor,
 ) -> torch.Tensor:
     """Pick one token per row of `logits` (B, V).
 
     temperature (B,): 0 means greedy. top_k (B,): candidates per row, 0 for the whole vocabulary.
-    top_p (B,): nucleus mass in (0, 1]. uniform (B,): one draw in [0, 1) per row.
+    top_p (B,): nucleus mass in (0, 1]. keys (B,): int64 in [0, 2**KEY_BITS), one per row.
     """
     logits = logits.float()
     vocab = logits.shape[-1]
@@ -38,11 +48,45 @@ def sample(
         choice[rows] = logits[rows].argmax(dim=-1)
     if whole.any():
         rows = _rows(whole)
-        choice[rows] = _whole_vocabulary(logits[rows], scale[rows], uniform[rows])
+        ids = torch.arange(vocab, device=logits.device)
+        choice[rows] = _perturbed(logits[rows], scale[rows], keys[rows], ids).argmax(dim=-1)
     if ranked.any():
         rows = _rows(ranked)
-        choice[rows] = _ranked(logits[rows], scale[rows], top_k[rows], top_p[rows], uniform[rows])
+        choice[rows] = _ranked(logits[rows], scale[rows], top_k[rows], top_p[rows], keys[rows])
     return choice
+
+
+def gumbel(keys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Standard Gumbel noise (float64) for each row's key (B,) and token ids ((V,) or (B, V)).
+
+    A 32-bit hash of the key's two words and the id, in int32 tensors whose products wrap around as
+    unsigned ones do (the bits are the same), so it is the same on every device and batch shape."""
+    low, high = _word(keys), _word(keys >> 32)
+    bits = _mix32((low[:, None] + ids.to(torch.int32)) ^ high[:, None])
+    # bits as unsigned, centred in its 2**32 steps: uniform in (0, 1), never 0 or 1.
+    uniform = (bits.double() + (2**31 + 0.5)) / 2.0**32
+    return -torch.log(-torch.log(uniform))
+
+
+def _word(x: torch.Tensor) -> torch.Tensor:
+    """The low 32 bits of int64 `x`, as int32 (two's complement)."""
+    low = x & 0xFFFFFFFF
+    return torch.where(low >= 2**31, low - 2**32, low).to(torch.int32)
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijection of 32-bit words with full avalanche (xor-shift-multiply; the masks make the shifts
+    logical on signed words)."""
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * 0x21F0AAAD
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * 0x735A2D97
+    return x ^ ((x >> 15) & 0x1FFFF)
+
+
+def _perturbed(logits, scale, keys, ids):
+    """Tempered logits plus each (row, token id)'s noise: the Gumbel-max scores."""
+    return logits.double() / scale.double()[:, None] + gumbel(keys, ids)
 
 
 def _rows(mask: torch.Tensor):
@@ -50,23 +94,13 @@ def _rows(mask: torch.Tensor):
     return slice(None) if bool(mask.all()) else mask.nonzero()[:, 0]
 
 
-def _whole_vocabulary(logits, scale, uniform):
-    """Inverse transform over every token in id order: no ranking needed."""
-    weights = torch.exp((logits - logits.amax(dim=-1, keepdim=True)) / scale[:, None])
-    cumulative = weights.cumsum(dim=-1)
-    total = cumulative[:, -1:].contiguous()
-    choice = torch.searchsorted(cumulative, uniform[:, None] * total, right=True)
-    # u * total can round up to total itself: the last token with any weight then.
-    return torch.minimum(choice, torch.searchsorted(cumulative, total))[:, 0]
-
-
-def _ranked(logits, scale, top_k, top_p, uniform):
-    """Inverse transform over each row's top-k candidates, best first, cut to the top-p nucleus."""
+def _ranked(logits, scale, top_k, top_p, keys):
+    """The Gumbel-max pick among each row's top-k candidates, cut to the top-p nucleus."""
     indices = _candidates(logits, top_k)
     k_max = indices.shape[1]
     values = logits.gather(1, indices)
     # Unnormalised weights: exp and a prefix sum are exact per element, so trailing candidates
-    # that another row needed (masked to zero) cannot change this row's numbers.
+    # that another row needed (masked to zero) cannot change this row's nucleus.
     weights = torch.exp((values - values[:, :1]) / scale[:, None])
     ranks = torch.arange(k_max, device=logits.device)
     weights = weights.masked_fill(ranks[None, :] >= top_k[:, None], 0.0)
@@ -75,10 +109,8 @@ def _ranked(logits, scale, top_k, top_p, uniform):
     # Nucleus: a candidate stays while the mass before it is under top_p; that keeps a prefix.
     kept = ((cumulative - weights) < top_p[:, None] * total).sum(dim=-1)
     kept = torch.minimum(kept, top_k).clamp(min=1)
-    kept_total = cumulative.gather(1, (kept - 1)[:, None])
-    choice = (cumulative <= uniform[:, None] * kept_total).sum(dim=-1)
-    choice = torch.minimum(choice, kept - 1)
-    return indices.gather(1, choice[:, None])[:, 0]
+    scores = _perturbed(values, scale, keys, indices).masked_fill(ranks[None, :] >= kept[:, None], -torch.inf)
+    return indices.gather(1, scores.argmax(dim=-1, keepdim=True))[:, 0]
 
 
 def _candidates(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:

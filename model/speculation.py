@@ -3,8 +3,8 @@
 A decode pass can check several proposed tokens of a request at once: entries for its last token and
 each draft token, on its cache row at consecutive positions. Each entry's logits are the ones a plain
 one-token decode step would compute there (the engine's batch invariance holds at any entry count),
-and each position's random number is fixed by the request's seed and the position alone
-(`Sequence.uniform`), so the token sampled at each checked position is exactly plain decoding's. A
+and each position's random key is fixed by the request's seed and the position alone
+(`Sequence.key`), so the token sampled at each checked position is exactly plain decoding's. A
 draft token is kept if and only if it equals that token. Drafts only ever decide how soon tokens
 come, never which.
 
@@ -12,8 +12,8 @@ Two sources propose drafts:
 - `PromptLookup`: the tokens that followed the most recent earlier occurrence of the text's last few
   tokens (in the prompt or the text so far). Free, and right on rewriting, code and repeated structure.
 - `DraftModel`: a small model with the same tokenizer continues the text, sampling each position with
-  the request's own settings and random number. Where its distribution is close to the target's, the
-  same number picks the same token (inverse transform sampling of nearby distributions).
+  the request's own settings and random key. Where its distribution is close to the target's, the
+  same key picks the same token (the Gumbel coupling of model.sampling).
 
 `Planner` decides each request's draft length every step: it weighs each request's measured
 acceptance against what an extra checked entry (and a draft model pass) costs, from the engine's own
@@ -153,7 +153,7 @@ class DraftModel:
 
     def propose(self, rows: list[int], seqs, depth: list[int], params) -> list[list[int]]:
         """`depth[i]` draft tokens for each sequence `seqs[i]` on cache row `rows[i]`, each sampled with its
-        request's settings (`params`: per-sequence temperature, top-k, top-p) and random number."""
+        request's settings (`params`: per-sequence temperature, top-k, top-p) and random key."""
         for seq in seqs:
             if seq.draft.draft_model is not self:
                 seq.draft.draft_model, seq.draft.cached = self, 0
@@ -187,8 +187,8 @@ class DraftModel:
                 logits = list(zip(active, out))
             chosen = [i for i, _ in logits]
             stacked = torch.stack([row for _, row in logits])
-            uniform = torch.tensor([seqs[i].uniform(len(seqs[i].tokens) + level) for i in chosen], device=self.device)
-            picked = sample(stacked, *(p[chosen] for p in params), uniform).tolist()
+            keys = torch.tensor([seqs[i].key(len(seqs[i].tokens) + level) for i in chosen], device=self.device)
+            picked = sample(stacked, *(p[chosen] for p in params), keys).tolist()
             for i, token in zip(chosen, picked):
                 drafts[i].append(token)
         return drafts

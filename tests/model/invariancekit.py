@@ -105,13 +105,14 @@ def check_joining_requests(model: GPT, speculating: dict) -> None:
         )
     }  # fmt: skip
     # Fillers of other lengths come and go, so the batch grows past 16 rows (below, plain fp32 rows
-    # are padded to 16) and shrinks again, moving rows around the cache as they leave. They draft nothing:
-    # the compared requests' checks still share passes with plain rows, at a third of the draft model's work.
+    # are padded to 16) and shrinks again, moving rows around the cache as they leave. They alone run 17
+    # rows at step 4, however soon the compared requests finish on kept drafts. They draft nothing: the
+    # compared requests' checks still share passes with plain rows, at a third of the draft model's work.
     fillers = {
         f"filler {i}": (prompt(2 + 5 * i, 100 + i), SamplingParams(max_new_tokens=3 + 2 * i, seed=i, stop_at_eot=False, speculate=False), i % 5)
-        for i in range(14)
+        for i in range(18)
     }  # fmt: skip
-    batched = RecordingEngine(model, max_batch_size=20, max_seq_len=256, **speculating)
+    batched = RecordingEngine(model, max_batch_size=24, max_seq_len=256, **speculating)
     requests = compared | fillers
     tokens: dict = {}
     last_join = max(join for _, _, join in requests.values())

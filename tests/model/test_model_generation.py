@@ -1,9 +1,10 @@
+import math
+
 import pytest
 import torch
 
 from model import EOT_TOKEN, ContextLengthError, Engine, GPT, SamplingParams
-from model.sampling import sample
-from tolerance import rounding_bound
+from model.sampling import KEY_BITS, sample
 
 PROMPTS = [[464, 2068, 7586, 21831], [15496], [40, 1101, 257, 1310, 3797, 11, 290, 314, 588, 284, 467], [50, 51]]
 SAMPLED = SamplingParams(max_new_tokens=24, temperature=1.0, top_k=50, top_p=0.9, seed=7, stop_at_eot=False)
@@ -119,42 +120,73 @@ def test_cancelled_requests_stop_and_free_their_row(sharp_model):
     assert ids == {"waiting"}
 
 
+def keys(n: int, seed: int = 0) -> torch.Tensor:
+    """n random keys, the same on every run: the sampling checks below have one fixed outcome."""
+    return torch.randint(2**KEY_BITS, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def share_bound(p: float, n: int) -> float:
+    """Five standard errors of a share of n independent draws that each hit with probability p: what a
+    correct sampler's share strays by once in about 1.7 million fixed sets of keys."""
+    return 5 * math.sqrt(p * (1 - p) / n)
+
+
 def test_top_k_never_samples_outside_the_k_most_likely():
     torch.manual_seed(0)
     logits = torch.randn(1, 1000) * 3
     allowed = set(logits[0].topk(5).indices.tolist())
     n = 2000
-    tokens = sample(
-        logits.expand(n, -1),
-        torch.ones(n),
-        torch.full((n,), 5),
-        torch.ones(n),
-        torch.rand(n),
-    )
+    tokens = sample(logits.expand(n, -1), torch.ones(n), torch.full((n,), 5), torch.ones(n), keys(n))
     assert set(tokens.tolist()) == allowed
 
 
 def test_sampling_follows_the_tempered_distribution_and_nucleus():
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]])
     n = 20000
-    draws = torch.arange(n, dtype=torch.float32) / n  # evenly spread uniforms: an exact quantile check
-    # A token's share of an even grid of n draws is its probability within the grid's step at either end
-    # of its interval (2/n), the interval's ends moved by the rounding of the softmax and its running sum.
-    bound = 2 / n + rounding_bound(torch.float32, 1.0, 5, 5)
     for temperature in (0.5, 1.0, 2.0):
-        tokens = sample(logits.expand(n, -1), torch.full((n,), temperature), torch.zeros(n, dtype=torch.long),
-                        torch.ones(n), draws)
-        expected = torch.softmax(logits[0] / temperature, dim=0)
-        observed = torch.bincount(tokens, minlength=5).float() / n
-        assert (observed - expected).abs().max().item() <= bound
+        for top_k in (0, 4):  # the whole vocabulary, and ranked candidates of which the last has no mass
+            tokens = sample(logits.expand(n, -1), torch.full((n,), temperature), torch.full((n,), top_k),
+                            torch.ones(n), keys(n, seed=top_k))  # fmt: skip
+            expected = torch.softmax(logits[0, : top_k or None] / temperature, dim=0)
+            observed = torch.bincount(tokens, minlength=5).float() / n
+            for token, p in enumerate(expected.tolist()):
+                assert abs(observed[token].item() - p) <= share_bound(p, n), (temperature, top_k, token)
+            assert observed[len(expected) :].sum() == 0
     # top_p 0.6 keeps the first two tokens (their mass before each is 0 and 0.47 < 0.6), renormalised.
-    tokens = sample(logits.expand(n, -1), torch.ones(n), torch.zeros(n, dtype=torch.long), torch.full((n,), 0.6), draws)
+    tokens = sample(logits.expand(n, -1), torch.ones(n), torch.zeros(n, dtype=torch.long), torch.full((n,), 0.6), keys(n))
     probs = torch.softmax(logits[0], dim=0)
     observed = torch.bincount(tokens, minlength=5).float() / n
-    assert abs(observed[0].item() - (probs[0] / probs[:2].sum()).item()) <= bound
+    first = (probs[0] / probs[:2].sum()).item()
+    assert abs(observed[0].item() - first) <= share_bound(first, n)
     assert observed[2:].sum() == 0
-    greedy = sample(logits.expand(3, -1), torch.zeros(3), torch.full((3,), 5), torch.ones(3), torch.tensor([0.0, 0.5, 0.99]))
+    greedy = sample(logits.expand(3, -1), torch.zeros(3), torch.full((3,), 5), torch.ones(3), keys(3))
     assert greedy.tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("top_k", [0, 50])
+def test_two_nearby_distributions_sampled_with_the_same_keys_mostly_pick_the_same_token(top_k):
+    """Gumbel coupling, which lets a draft model's sampled drafts match the target's tokens: with shared
+    keys two distributions d apart in total variation agree at least (1 - d) / (1 + d) of the time; with
+    independent keys only Σ p·q of the time."""
+    torch.manual_seed(1)
+    target = torch.randn(1, 1000) * 2
+    draft = target + torch.randn(1, 1000) * 0.5
+    n = 4000
+    params = torch.ones(n), torch.full((n,), top_k), torch.ones(n)
+    k = top_k or 1000
+
+    def truncated(logits):
+        top = logits[0].topk(k)
+        return torch.zeros(1000, dtype=torch.float64).index_put_((top.indices,), torch.softmax(top.values.double(), 0))
+
+    p, q = truncated(target), truncated(draft)
+    d = 0.5 * (p - q).abs().sum().item()
+    shared = (sample(target.expand(n, -1), *params, keys(n)) == sample(draft.expand(n, -1), *params, keys(n)))
+    independent = (sample(target.expand(n, -1), *params, keys(n)) == sample(draft.expand(n, -1), *params, keys(n, 1)))
+    coupled, chance = (1 - d) / (1 + d), (p * q).sum().item()
+    assert coupled > chance + 0.3  # the case is one where coupling matters
+    assert shared.double().mean().item() >= coupled - share_bound(coupled, n)
+    assert abs(independent.double().mean().item() - chance) <= share_bound(chance, n)
 
 
 def test_nanogpt_generate_convenience(sharp_model):
