@@ -27,6 +27,7 @@ text itself, so it would not mislead.
 from __future__ import annotations
 
 import argparse
+import copy
 import random
 import statistics
 import subprocess
@@ -41,6 +42,7 @@ from bench.common import SHAKESPEARE, print_table, write_result
 from model import GPT, Engine, GPTConfig, SamplingParams, Tokenizer, load_checkpoint
 from model.device import cpu_layout
 from model.native import status as kernel_status
+from model.sampling import KEY_BITS, sample
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "bench" / "speculative"
@@ -182,6 +184,37 @@ def summarise(runs: list[dict], off: list[dict] | None) -> dict:
     return row
 
 
+def agreement(target: GPT, draft: GPT, prompts: list[list[int]], setting: dict) -> dict:
+    """How often the draft model picks the target's token at a position, sampling with `setting`, over every
+    position of `prompts` (the text itself, not the models' own): with the position's key shared, as the
+    engine drafts; with independent keys; and the best any coupling can do, 1 - total variation distance."""
+    same = independent = best = positions = 0.0
+    keys = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for ids in prompts:
+            x = torch.tensor([ids])
+            p_logits, q_logits = target(x)[0][0].float(), draft(x)[0][0].float()
+            n = len(ids)
+            params = (torch.full((n,), setting.get("temperature", 1.0)), torch.full((n,), setting.get("top_k") or 0),
+                      torch.full((n,), setting.get("top_p", 1.0)))  # fmt: skip
+            shared = torch.randint(2**KEY_BITS, (n,), generator=keys)
+            other = torch.randint(2**KEY_BITS, (n,), generator=keys)
+            picked = sample(p_logits, *params, shared)
+            same += (picked == sample(q_logits, *params, shared)).sum().item()
+            independent += (picked == sample(q_logits, *params, other)).sum().item()
+            best += (1 - 0.5 * (kept(p_logits, setting) - kept(q_logits, setting)).abs().sum(dim=-1)).sum().item()
+            positions += n
+    return {"shared_keys": same / positions, "independent_keys": independent / positions,
+            "best_coupling": best / positions, "positions": int(positions)}  # fmt: skip
+
+
+def kept(logits: torch.Tensor, setting: dict) -> torch.Tensor:
+    """Each row's sampling distribution under `setting` (temperature and top-k), in float64."""
+    top = logits.double().topk(setting.get("top_k") or logits.shape[-1], dim=-1)
+    weights = torch.softmax(top.values / setting.get("temperature", 1.0), dim=-1)
+    return torch.zeros_like(logits, dtype=torch.float64).scatter_(-1, top.indices, weights)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5, help="alternated rounds of every setting")
@@ -195,17 +228,22 @@ def main() -> None:
     threads = args.threads
     tokenizer = Tokenizer()
 
-    models = {}
+    models, raw = {}, {}
     for name in MODELS:
         model, meta, provenance = trained(name)
+        raw[name] = model.float().eval()
         c = model.config
-        models[name] = {"model": cpu_layout(model.float().eval()), "preset": MODELS[name][1],
+        models[name] = {"model": cpu_layout(copy.deepcopy(raw[name])), "preset": MODELS[name][1],
                         "shape": f"{c.n_layer}×{c.n_head}×{c.n_embd}, context {c.block_size}",
                         "parameters": model.num_parameters(non_embedding=False), "step": meta.get("step"),
                         "val_loss": meta.get("val_loss"), "provenance": provenance}  # fmt: skip
         print(f"{name}: {models[name]['shape']}, val loss {meta.get('val_loss'):.3f} at step {meta.get('step')}, "
               f"{provenance}", flush=True)  # fmt: skip
     target, draft = models["target"]["model"], models["draft"]["model"]
+    work = workloads(tokenizer, max(args.prompts, max(NEVER_BATCHES)))
+    coupling = agreement(raw["target"], raw["draft"], work["continuation"], SAMPLINGS["seeded sampling"])
+    print_table("The draft model's pick against the target's, seeded sampling, teacher-forced over "
+                f"{coupling['positions']} positions of the validation text", [coupling])  # fmt: skip
     torch.manual_seed(0)
     random_draft = cpu_layout(GPT(GPTConfig.from_preset("tiny", block_size=target.config.block_size)).eval())
 
@@ -214,7 +252,6 @@ def main() -> None:
     print_table("Memory-read bandwidth and the target's batch-1 bound (fp32 weights, each read once per token)",
                 [{"bandwidth_GB_per_s": bandwidth / 1e9, "bound_tokens_per_s": bound}])  # fmt: skip
 
-    work = workloads(tokenizer, max(args.prompts, max(NEVER_BATCHES)))
     runner = Runner(target, draft, 1)
     warm_up(runner, SPECULATION, work["continuation"][0])
     runs: dict[tuple, list[dict]] = {}
@@ -270,7 +307,8 @@ def main() -> None:
         "passage_lines": PASSAGE_LINES, "samplings": SAMPLINGS, "never_a_loss_sampling": NEVER_SAMPLING,
         "layout": f"fp32, {kernel_status()}",
         "models": {name: {k: v for k, v in m.items() if k != "model"} for name, m in models.items()},
-        "bandwidth_bytes_per_s": bandwidth, "batch1_bound_tokens_per_s": bound, "rows": rows, "never_a_loss": never,
+        "bandwidth_bytes_per_s": bandwidth, "batch1_bound_tokens_per_s": bound, "agreement": coupling, "rows": rows,
+        "never_a_loss": never,
     }  # fmt: skip
     print_table("Issue 25's goals", report.speculative_rows({"speculative": record}))
     write_result("speculative", record)

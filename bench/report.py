@@ -282,6 +282,22 @@ def speculative_rows(records: dict[str, dict]) -> list[dict]:
     return rows
 
 
+def agreement_lines(agreement: dict | None) -> list[str]:
+    """How often the draft model's sampled pick is the target's, which bounds how many drafts are kept."""
+    if agreement is None:
+        return []
+    return [
+        (
+            "The draft model's pick against the target's at the same position, seeded sampling, over "
+            f"{agreement['positions']} positions of the validation text fed to both: the same token "
+            f"{agreement['shared_keys']:.0%} of the time with the position's key shared (as the engine drafts), "
+            f"{agreement['independent_keys']:.0%} with independent keys, and at most "
+            f"{agreement['best_coupling']:.0%} for any coupling (one minus the total variation distance)."
+        ),
+        "",
+    ]
+
+
 def speculative_lines(records: dict[str, dict]) -> list[str]:
     if "speculative" not in records:
         return []
@@ -309,6 +325,7 @@ def speculative_lines(records: dict[str, dict]) -> list[str]:
         "",
         *[f"- {name}: `{text!r}`" for name, text in spec.get("samples", {}).items()],
         "",
+        *agreement_lines(spec.get("agreement")),
         (
             "Never a loss: drafts that (almost) never match (a draft model of random weights; prompt lookup on "
             f"passages whose words are shuffled), {spec['never_a_loss_sampling']}, 16 requests one after another "

@@ -172,6 +172,7 @@ def test_speculative_decodings_goals_are_judged_when_measured(results, tmp_path)
               "layout": "fp32, native",
               "models": {"target": model, "draft": {**model, "preset": "tiny"}}, "bandwidth_bytes_per_s": 6.4e9,
               "batch1_bound_tokens_per_s": 100.0, "rows": rows,
+              "agreement": {"shared_keys": 0.517, "independent_keys": 0.14, "best_coupling": 0.573, "positions": 942},
               "never_a_loss": [{"drafts": "random-weight draft model", "batch": 16, "off_tokens_per_s": 500.0,
                                 "on_tokens_per_s": 460.0, "on_vs_off": 0.92, "proposed": 30, "acceptance": 0.0}]}  # fmt: skip
     record_step(results, "speculative", record)
@@ -185,3 +186,5 @@ def test_speculative_decodings_goals_are_judged_when_measured(results, tmp_path)
             "| off: 500 tokens/s | 0.92× | ≥ 0.95× | **no** |") in body  # fmt: skip
     assert "### Speculative decoding on the CPU" in body and "trained in this run (600 s)" in body
     assert "- rewrite, greedy: `'\\n\\n\\n'`" in body  # what the target wrote, visible
+    assert ("the same token 52% of the time with the position's key shared (as the engine drafts), 14% with "
+            "independent keys, and at most 57% for any coupling") in body  # fmt: skip
