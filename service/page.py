@@ -58,6 +58,9 @@ STEP_BYTES = 256 * 1024
 # A trainer's record is a few hundred bytes of flat JSON: longer lines, and lines with more opening brackets
 # than a record could need (200,000 nested ones exhaust the parser's recursion), are passed over unparsed.
 MAX_LINE = 16 * 1024
+# Bytes at the start of the file and before the read position compared at each step, to tell the file read
+# so far from one written anew in its place with the same inode number.
+CHECKED_BYTES = 64
 MAX_BRACKETS = 8
 # After a step that took t seconds the log rests REST x t before the next, so that catching up on a long file
 # takes at most a tenth of the HTTP process's time (and of its GIL) from the requests it serves.
@@ -138,6 +141,8 @@ class TrainingLog:
         self._identity = identity
         self._offset = 0
         self._size = 0
+        # The first and the last bytes parsed, which the file must still hold at its start and before _offset.
+        self._head = self._before = b""
         # Inside a line too long to be a record: what comes before its end is passed over.
         self._passing = False
         self.records = 0
@@ -155,7 +160,8 @@ class TrainingLog:
             with open_regular_file(self.path) as file:
                 stat = os.fstat(file.fileno())
                 identity = (stat.st_dev, stat.st_ino)
-                if identity != self._identity or stat.st_size < self._offset or not self._line_ends_before(file):
+                moved = identity != self._identity or stat.st_size < self._offset
+                if moved or not self._still_holds_what_was_parsed(file):
                     self._restart(identity)
                 file.seek(self._offset)
                 data = file.read(self.chunk)
@@ -167,17 +173,25 @@ class TrainingLog:
         self._size = stat.st_size
         consumed = self._parse(data)
         self._offset += consumed
+        self._head += data[: min(consumed, CHECKED_BYTES - len(self._head))]
+        self._before = (self._before + data[:consumed])[-CHECKED_BYTES:]
         if consumed or complete != (self._offset >= self._size):
             self.body = self._render()
         return not consumed or self._offset >= self._size
 
-    def _line_ends_before(self, file) -> bool:
-        """Whether a line ends where the last step stopped: a file deleted and written again may have the old
-        one's inode number (and so its identity), but rarely a line end at the same place."""
-        if self._offset == 0 or self._passing:
+    def _still_holds_what_was_parsed(self, file) -> bool:
+        """Whether the file still holds the first bytes parsed at its start and the last ones just before where
+        parsing stopped. A file deleted and written again may get the old one's inode number (and so its
+        identity), as a test's log did; a check for a mere line end there, as there was, then took the new
+        file for the old wherever one of its lines ended at the same place, and passed over its first
+        records. A new run's log differs from the old within its first record."""
+        if not self._before:
             return True
-        file.seek(self._offset - 1)
-        return file.read(1) == b"\n"
+        file.seek(0)
+        if file.read(len(self._head)) != self._head:
+            return False
+        file.seek(self._offset - len(self._before))
+        return file.read(len(self._before)) == self._before
 
     def _parse(self, data: bytes) -> int:
         """Add the whole lines at the start of `data`, at most `lines` of them; return the bytes consumed."""

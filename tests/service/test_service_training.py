@@ -119,3 +119,19 @@ def test_a_line_too_long_to_be_a_record_is_passed_over_and_counted(tmp_path):
     while not log.step():
         pass
     assert log.view()["train"] == [[1, 5.0], [2, 4.0], [3, 3.0]] and log.skipped == 2
+
+
+def test_a_log_written_anew_in_place_is_read_again_from_its_start(tmp_path):
+    """The same inode (a file deleted and written again may get the old one's number) and a line end where
+    the last step stopped: only the bytes before that place tell the new file from the old."""
+    path = tmp_path / METRICS_FILE
+    path.write_text(record(1, 5.0) + record(2, 4.0))
+    log = TrainingLog(path)
+    while not log.step():
+        pass
+    assert log.view()["train"] == [[1, 5.0], [2, 4.0]]
+    with path.open("r+") as file:  # lines of the same lengths, other values, and one more
+        file.write(record(1, 6.0) + record(2, 3.0) + record(3, 2.0))
+    while not log.step():
+        pass
+    assert log.view()["train"] == [[1, 6.0], [2, 3.0], [3, 2.0]] and log.records == 3 and log.skipped == 0
