@@ -169,20 +169,21 @@ class Stack:
             seen = {url: (r := self.health(url)) is not None and r.text for url in self.replicas()}
             pytest.fail(f"{e}; /health: {seen}\n{self.diagnosis()}")
 
+    def balancer_scrape(self) -> Scrape:
+        """HAProxy's own metrics."""
+        metrics = self.compose.address(self.compose.container("lb"), 8405)
+        return Scrape(httpx.get(f"{metrics}/metrics", timeout=10).text)
+
     def balanced(self) -> int:
         """Replicas the balancer sends to (their /health checks pass)."""
-        metrics = self.compose.address(self.compose.container("lb"), 8405)
         try:
-            return int(Scrape(httpx.get(f"{metrics}/metrics", timeout=10).text).get(
-                "haproxy_backend_active_servers", proxy="api"))  # fmt: skip
+            return int(self.balancer_scrape().get("haproxy_backend_active_servers", proxy="api"))
         except httpx.TransportError:
             return 0
 
     def balancer_sessions(self) -> dict[str, float]:
         """Open sessions per balancer slot that holds a replica's address."""
-        metrics = self.compose.address(self.compose.container("lb"), 8405)
-        scrape = Scrape(httpx.get(f"{metrics}/metrics", timeout=10).text)
-        return {dict(labels)["server"]: v for (name, labels), v in scrape.samples.items()
+        return {dict(labels)["server"]: v for (name, labels), v in self.balancer_scrape().samples.items()
                 if name == "haproxy_server_current_sessions" and ("proxy", "api") in labels}  # fmt: skip
 
     def pids(self, container: dict) -> list[int]:
